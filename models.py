@@ -1,0 +1,153 @@
+"""Model families: their config, the locally built `tiny` model, and loading with the right dtype and attention."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from runtime import ConfigError, atomic_path, barrier, is_main
+
+log = logging.getLogger("loc_unlearn")
+
+MODEL_CONFIG_PATH = Path(__file__).resolve().parent / "config" / "model_config.yaml"
+TINY_CACHE = Path(__file__).resolve().parent / ".cache" / "tiny"
+
+# The tiny family's chat format: a dedicated end-of-turn token that doubles as EOS, and a pad token of its own.
+TINY_SPECIAL = {"bos": "<|begin|>", "eot": "<|end|>", "pad": "<pad>", "user": "<|user|>", "assistant": "<|assistant|>"}
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}<|end|>\n"
+    "{% else %}<|assistant|>\n{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def model_families() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(MODEL_CONFIG_PATH.read_text())
+
+
+def family_config(name: str) -> dict[str, Any]:
+    families = model_families()
+    if name not in families:
+        raise ConfigError(f"unknown model_family={name!r}; expected one of {sorted(families)}")
+    return families[name]
+
+
+def _tiny_corpus(data_path: str | None) -> list[str]:
+    from dataloader import load_tofu
+
+    texts: list[str] = []
+    for split in ("full", "real_authors_perturbed", "world_facts_perturbed", "retain_perturbed", "forget10_perturbed"):
+        for row in load_tofu(split, data_path):
+            texts.extend(str(v) for v in row.values() if isinstance(v, str))
+            texts.extend(row.get("perturbed_answer", []))
+    return texts
+
+
+def build_tiny_model(out_dir: str | Path, data_path: str | None, seed: int = 0) -> Path:
+    """Build the tiny family's random-init Llama and its BPE tokenizer (trained on the data), save_pretrained."""
+    arch = family_config("tiny")["architecture"]
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=arch["vocab_size"],
+        special_tokens=list(TINY_SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_tiny_corpus(data_path), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=TINY_SPECIAL["bos"],
+        eos_token=TINY_SPECIAL["eot"],
+        pad_token=TINY_SPECIAL["pad"],
+        padding_side="right",
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=arch["hidden_size"],
+        intermediate_size=arch["intermediate_size"],
+        num_hidden_layers=arch["n_layers"],
+        num_attention_heads=arch["n_heads"],
+        num_key_value_heads=arch["n_heads"],
+        max_position_embeddings=arch["max_position"],
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+    log.info("built tiny model (%d parameters, vocab %d) at %s", model.num_parameters(), len(fast), out_dir)
+    return Path(out_dir)
+
+
+def tiny_model_path(data_path: str | None, seed: int = 0) -> Path:
+    """The cached tiny model for this data source and seed, built on first use (by rank 0)."""
+    arch = family_config("tiny")["architecture"]
+    key = hashlib.sha256(json.dumps([str(data_path), seed, arch], sort_keys=True).encode()).hexdigest()[:12]
+    path = TINY_CACHE / f"init_{key}"
+    if is_main() and not path.exists():
+        build_tiny_model(path, data_path, seed)
+    barrier()
+    return path
+
+
+def resolve_model_path(model_family: str, model_path: str | None, data_path: str | None, seed: int = 0) -> str:
+    """Explicit path, else the hub key of the family, else (tiny) the locally built initial model."""
+    fam = family_config(model_family)
+    if model_path:
+        path = Path(model_path)
+        if path.exists() and not (path / "config.json").is_file():
+            raise ConfigError(f"model_path={model_path} is not a model directory (no config.json)")
+        if not path.exists() and fam["hf_key"] is None:
+            raise ConfigError(f"model_path={model_path} does not exist")
+        return str(model_path)
+    if fam["hf_key"]:
+        return fam["hf_key"]
+    return str(tiny_model_path(data_path, seed))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def attention_implementation(device: torch.device) -> str:
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(model_family: str, path: str):
+    fam = family_config(model_family)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = fam["pad_token"]
+    return tokenizer
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    dtype = dtype or default_dtype(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attention_implementation(device), trust_remote_code=False
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load a model from {path}: {str(err).splitlines()[0]}") from None
+    log.info("loaded model from %s (%s, %s, %d parameters)", path, dtype, model.config._attn_implementation, model.num_parameters())
+    return model.to(device)

@@ -1,0 +1,213 @@
+"""The one training loop for fine-tuning, knowledge injection and unlearning, with resumable checkpoints.
+
+Distributed runs use plain torch.distributed: each rank takes its shard of every epoch (DistributedSampler,
+seeded by epoch) and the gradients of the trainable tensors are averaged across ranks before each step.
+With masked or LoRA training those tensors are small, so the all-reduce is too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from masking import plain_state_dict
+from runtime import atomic_path, barrier, broadcast_object, is_main, rank, world_size
+
+log = logging.getLogger("loc_unlearn")
+
+STATE_FILE = "trainer_state.pt"
+INFO_FILE = "trainer_state.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainSettings:
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    warmup_ratio: float
+    lr_scheduler: str
+    max_grad_norm: float
+    seed: int
+    save_checkpoint: bool
+    save_steps: int
+    save_each_epoch: bool
+
+    def steps_per_epoch(self, n_examples: int) -> int:
+        micro = math.ceil(math.ceil(n_examples / world_size()) / self.batch_size)
+        return math.ceil(micro / self.grad_accum)
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place only when fully written), by step."""
+    found = []
+    for path in run_dir.glob("checkpoint-*"):
+        m = CHECKPOINT_RE.match(path.name)
+        if m and (path / INFO_FILE).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def resumable_checkpoint(run_dir: Path) -> Path | None:
+    resumable = [p for _, p in checkpoints(run_dir) if (p / STATE_FILE).is_file()]
+    return resumable[-1] if resumable else None
+
+
+def load_plain_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load a checkpoint's ordinary weights into a (not yet masked) model, for resuming."""
+    state = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or "lm_head.weight" in state]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def train(
+    model: torch.nn.Module,
+    trainable: list[torch.nn.Parameter],
+    dataset,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+    settings: TrainSettings,
+    run_dir: Path,
+    save_extra: Callable[[Path, dict[str, torch.Tensor]], None],
+    resume_state: dict[str, Any] | None = None,
+    device: torch.device = torch.device("cpu"),
+) -> Path:
+    """Train `trainable` to minimise `loss_fn` over `dataset`; return the final checkpoint directory."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=settings.seed)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, collate_fn=dataset.collate)
+    steps_per_epoch = settings.steps_per_epoch(len(dataset))
+    total_steps = steps_per_epoch * settings.epochs
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = get_scheduler(settings.lr_scheduler, optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
+    step, history = 0, []
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        step, history = resume_state["step"], resume_state["history"]
+        log.info("resuming at step %d of %d", step, total_steps)
+
+    def save(final: bool = False) -> Path:
+        path = run_dir / f"checkpoint-{step}"
+        if is_main():
+            with atomic_path(path) as tmp:
+                save_extra(tmp, plain_state_dict(model))
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "step": step, "history": history, "trainable": _trainable_by_name(model)}, tmp / STATE_FILE)
+                (tmp / INFO_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps, "final": final,
+                                                          "history": history}, indent=1))
+            for _, older in checkpoints(run_dir):
+                if older != path and (older / STATE_FILE).exists():
+                    (older / STATE_FILE).unlink()  # optimizer state only in the newest checkpoint
+            log.info("saved %s", path)
+        barrier()
+        return path
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not is_main(), dynamic_ncols=True)
+    for epoch in range(step // steps_per_epoch, settings.epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        skip_micro = (step - epoch * steps_per_epoch) * settings.grad_accum
+        micro_batches = list(loader)
+        for start in range(skip_micro, len(micro_batches), settings.grad_accum):
+            group = micro_batches[start:start + settings.grad_accum]
+            loss_value = 0.0
+            for batch in group:
+                loss = loss_fn(model, _to(batch, device)) / len(group)
+                loss.backward()
+                loss_value += loss.item()
+            loss_value = _mean_across_ranks(loss_value)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(f"loss became {loss_value} at step {step + 1}; last good checkpoint is kept in {run_dir}")
+            _average_gradients(trainable)
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history.append({"step": step, "epoch": epoch, "loss": round(loss_value, 6), "lr": scheduler.get_last_lr()[0]})
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
+            if settings.save_checkpoint and settings.save_steps > 0 and step % settings.save_steps == 0 and step < total_steps:
+                save()
+        if settings.save_checkpoint and settings.save_each_epoch and step < total_steps:
+            save()
+    progress.close()
+    return save(final=True)
+
+
+def _trainable_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Only LoRA adapters need this: masked values and full weights are restored from the plain checkpoint.
+    if not hasattr(model, "peft_config"):
+        return {}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_resume_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def restore_trainable(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in state["trainable"].items():
+        params[name].data.copy_(value)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _mean_across_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world_size()
+
+
+def _average_gradients(params: list[torch.nn.Parameter]) -> None:
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size()
+
+
+def find_final(run_dir: Path) -> Path | None:
+    """The final checkpoint of a finished run (so re-running a finished command does nothing)."""
+    for _, path in reversed(checkpoints(run_dir)):
+        if json.loads((path / INFO_FILE).read_text()).get("final"):
+            return path
+    return None
+
+
+def broadcast_resume_point(run_dir: Path) -> Path | None:
+    return broadcast_object(resumable_checkpoint(run_dir) if is_main() else None)
+

@@ -1,0 +1,149 @@
+"""Fine-tune, inject or unlearn a model on TOFU, optionally updating only the value vectors of a mask.
+
+    python unlearn.py forget_loss=learn forget_split=full data_path=../shared/data/tofu
+    torchrun --nproc_per_node=2 unlearn.py --config-name forget_tofu forget_loss=npo mask_path=mask/...pt
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dataloader import UnlearnDataset, get_loss, load_idk, load_tofu, sequence_nll
+from masking import apply_lora, apply_value_vector_mask, base_model
+from models import family_config, load_model, load_tokenizer, resolve_model_path
+from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
+from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, find_final, load_plain_weights,
+                     load_resume_state, restore_trainable, train)
+
+log = logging.getLogger("loc_unlearn")
+
+FAMILY_DEFAULTS = ("lr", "weight_decay", "epochs", "batch_size", "grad_accum", "warmup_ratio", "max_length")
+RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+
+
+def resolve(cfg: DictConfig) -> dict[str, Any]:
+    """The config with the family's defaults filled in and the derived keys set."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    family = family_config(c["model_family"])
+    for key in FAMILY_DEFAULTS:
+        if c[key] is None:
+            c[key] = family[key]
+    c["retain_split"] = c["retain_split"] or RETAIN_OF.get(c["forget_split"], "retain90")
+    if c["idk_path"] is None and c["data_path"] not in (None, "synthetic"):
+        candidate = Path(c["data_path"]) / "idontknow.jsonl"
+        c["idk_path"] = str(candidate) if candidate.is_file() else None
+    return c
+
+
+def run_dir(c: dict[str, Any], world_size: int) -> Path:
+    """The original suite's layout; a run from a checkpoint nests under that checkpoint."""
+    masked = Path(c["mask_path"]).stem if c["mask_path"] else "False"
+    effective_bs = c["batch_size"] * c["grad_accum"] * world_size
+    leaf = Path(c["forget_split"], c["forget_loss"], f"lora_r{c['lora_r']}", f"masked_{masked}",
+                f"lr_{c['lr']}_wd_{c['weight_decay']}_ep_{c['epochs']}_bs_{effective_bs}")
+    if c["model_path"] and Path(c["model_path"]).name.startswith("checkpoint-"):
+        return Path(c["model_path"]) / leaf
+    return Path(c["save_root"], c["model_family"], "TOFU", "default") / leaf
+
+
+@torch.no_grad()
+def reference_nll(model: torch.nn.Module, dataset: UnlearnDataset, part: str, batch_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """Per-example summed answer NLL under the model before unlearning, computed once for the whole run."""
+    view = dataset.part_dataset(part)
+    loader = torch.utils.data.DataLoader(view, batch_size=batch_size, collate_fn=view.collate)
+    model.eval()
+    values = [sequence_nll(model, {k: v.to(device) for k, v in b.items()}).float().cpu() for b in loader]
+    return torch.cat(values)
+
+
+def unlearn(cfg: DictConfig) -> None:
+    rank, world_size, device = init_distributed()
+    setup_logging()
+    c = resolve(cfg)
+    seed_everything(c["seed"])
+    spec = get_loss(c["forget_loss"])
+    if c["mask_path"] and c["lora_r"] > 0:
+        raise ConfigError("mask_path and lora_r>0 are exclusive: a mask trains value vectors, LoRA trains adapters")
+    if c["mask_path"] and not Path(c["mask_path"]).is_file():
+        raise ConfigError(f"mask_path={c['mask_path']} does not exist; expected a mask file from generate_mask.py")
+    if spec.resident_ref and c["forget_loss"] == "rt_diff" and not c["retain_model_path"]:
+        raise ConfigError("forget_loss=rt_diff needs retain_model_path=<model trained on the retain split>")
+    out = run_dir(c, world_size)
+    check_writable(out)
+    if (final := find_final(out)) is not None:
+        log.info("run already complete: %s", final)
+        return
+
+    model_path = resolve_model_path(c["model_family"], c["model_path"], c["data_path"])
+    family = family_config(c["model_family"])
+    forget_rows = load_tofu(c["forget_split"], c["data_path"])
+    retain_rows = load_tofu(c["retain_split"], c["data_path"]) if "retain" in spec.parts else []
+    tokenizer = load_tokenizer(c["model_family"], model_path)
+    dataset = UnlearnDataset(forget_rows, retain_rows, load_idk(c["idk_path"]), tokenizer, family,
+                             c["max_length"], spec.parts, c["seed"])
+    log.info("loaded %d %s examples%s from %s", len(dataset), c["forget_split"],
+             f" (+ {c['retain_split']})" if retain_rows else "", c["data_path"] or "the hub")
+
+    model = load_model(model_path, device)
+    for part in spec.cached_ref:
+        dataset.ref_nll[part] = reference_nll(model, dataset, part, c["batch_size"], device)
+    ref_model = None
+    if spec.resident_ref:
+        ref_path = c["retain_model_path"] if c["forget_loss"] == "rt_diff" else model_path
+        ref_model = load_model(ref_path, device).eval().requires_grad_(False)
+
+    resume_from = broadcast_resume_point(out)
+    resume_state = load_resume_state(resume_from) if resume_from else None
+    if resume_from and c["lora_r"] == 0:
+        load_plain_weights(model, resume_from)
+    if c["mask_path"]:
+        from mask_generator import load_mask, model_shape
+
+        indices, meta = load_mask(c["mask_path"], *model_shape(model))
+        trainable = apply_value_vector_mask(model, indices)
+        log.info("mask %s: %d value vectors (%s) trainable", c["mask_path"], sum(len(i) for i in indices),
+                 meta.get("method"))
+    elif c["lora_r"] > 0:
+        model, trainable = apply_lora(model, c["lora_r"], c["lora_alpha"], c["lora_dropout"],
+                                      family["lora_target_modules"])
+    else:
+        trainable = list(model.parameters())
+    if resume_state is not None and resume_state["trainable"]:
+        restore_trainable(model, resume_state)
+
+    loss_cfg = {k: c[k] for k in ("hyper_param", "retain_weight", "simnpo_gamma", "seed")}
+    loss_cfg.update(spec.cfg)
+
+    def save_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+        base_model(model).save_pretrained(path, state_dict=state)
+        tokenizer.save_pretrained(path)
+        (path / "run_config.json").write_text(json.dumps({**c, "resolved_model_path": model_path}, indent=1))
+
+    settings = TrainSettings(**{k: c[k] for k in ("lr", "weight_decay", "epochs", "batch_size", "grad_accum",
+                                                  "warmup_ratio", "lr_scheduler", "max_grad_norm", "seed",
+                                                  "save_checkpoint", "save_steps", "save_each_epoch")})
+    log.info("training %d tensors (%d values) with %s; writing to %s", len(trainable),
+             sum(p.numel() for p in trainable), c["forget_loss"], out)
+    try:
+        final = train(model, trainable, dataset, lambda m, b: spec.fn(m, b, ref_model, loss_cfg), settings, out,
+                      save_checkpoint, resume_state, device)
+    except NonFiniteLoss as err:
+        raise ConfigError(str(err)) from None
+    if is_main():
+        log.info("final model: %s", final)
+
+
+@hydra.main(version_base=None, config_path="config", config_name="forget_tofu")
+def main(cfg: DictConfig) -> None:
+    run_main(lambda: unlearn(cfg))
+
+
+if __name__ == "__main__":
+    main()
