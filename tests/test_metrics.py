@@ -1,0 +1,253 @@
+"""Hand-computed cases for metrics.py: each expected value is worked out in the comment beside it."""
+from __future__ import annotations
+
+import sys
+import warnings
+from fractions import Fraction
+from itertools import product
+from math import comb, isclose, sqrt
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# The module lives at the repo root; make it importable however pytest is launched.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import metrics as M  # noqa: E402
+
+
+def test_answer_prob_is_exp_of_minus_mean_nll():
+    np.testing.assert_allclose(M.answer_prob([0.0, np.log(2), np.log(10)]), [1.0, 0.5, 0.1])
+
+
+def test_normalized_true_prob():
+    # 0.5 / (0.5 + 0.1 + 0.2 + 0.2) = 0.5 ; 0.6 / (0.6 + 0.1 + 0.1) = 0.75
+    got = M.normalized_true_prob([0.5, 0.6], [[0.1, 0.2, 0.2], [0.1, 0.1, 0.0]])
+    np.testing.assert_allclose(got, [0.5, 0.75])
+    with pytest.raises(ValueError):
+        M.normalized_true_prob([0.5, 0.6], [0.1, 0.2])
+
+
+def test_truth_ratio_geometric_mean_k3_and_k5():
+    # k=3: geomean(0.1, 0.2, 0.4) = 0.008**(1/3) = 0.2 -> r = 0.2 / 0.5 = 0.4 (arithmetic mean would give 0.4667)
+    np.testing.assert_allclose(M.truth_ratio([0.5], [[0.1, 0.2, 0.4]]), [0.4])
+    # k=5: geomean(2^-1..2^-5) = 2^-3 -> r = 0.125 / 0.25 = 0.5 (arithmetic mean would give 0.775)
+    np.testing.assert_allclose(M.truth_ratio([0.25], [[0.5, 0.25, 0.125, 0.0625, 0.03125]]), [0.5])
+    # r > 1 when the perturbed answers are likelier than the paraphrase: 0.2 / 0.1 = 2
+    np.testing.assert_allclose(M.truth_ratio([0.5, 0.1], [[0.1, 0.2, 0.4], [0.2, 0.2, 0.2]]), [0.4, 2.0])
+
+
+def test_truth_ratio_survives_tiny_probabilities():
+    # 50 perturbed answers at 1e-300 would underflow as a product; r = 1e-300 / 1e-290 = 1e-10.
+    np.testing.assert_allclose(M.truth_ratio([1e-290], [[1e-300] * 50]), [1e-10], rtol=1e-9)
+
+
+def test_truth_ratio_score_forget_and_retain():
+    r = np.array([0.4, 2.0, 1.0, 0.0])
+    np.testing.assert_allclose(M.truth_ratio_score(r, "forget"), [0.4, 0.5, 1.0, 0.0])
+    np.testing.assert_allclose(M.truth_ratio_score(r, "retain"), [0.6, 0.0, 0.0, 1.0])
+    with pytest.raises(ValueError):
+        M.truth_ratio_score(r, "world_facts")
+
+
+def test_rouge_l_recall_lcs_and_stemming():
+    # LCS("the cat sat on the mat", "the cat on a mat") = "the cat on mat" -> 4 / 6 reference tokens.
+    # "running" and "runs" both stem to "run": LCS = "he run fast" -> 3 / 3 (2 / 3 without the stemmer).
+    got = M.rouge_l_recall(["the cat on a mat", "he is running fast", "nothing here"],
+                           ["the cat sat on the mat", "he runs fast", "completely different"])
+    np.testing.assert_allclose(got, [4 / 6, 1.0, 0.0])
+    with pytest.raises(ValueError):
+        M.rouge_l_recall(["a"], [])
+
+
+def test_forget_quality_identical_disjoint_and_missing():
+    assert M.forget_quality([0.1, 0.5, 0.9, 1.3], [0.1, 0.5, 0.9, 1.3]) == 1.0
+    # Fully separated samples of sizes 4 and 6: D = 1, reached only by the two orderings "all x below y" and
+    # "all y below x" out of C(10, 4) equally likely ones, so the exact two-sided p is 2 / 210.
+    p = M.forget_quality([0.1, 0.2, 0.3, 0.4], [1.1, 1.2, 1.3, 1.4, 1.5, 1.6])
+    assert isclose(p, 2 / comb(10, 4), rel_tol=1e-12)
+    assert M.forget_quality([0.1, 0.2], None) is None
+
+
+def test_forget_quality_invariant_to_truth_ratio_orientation():
+    # TOFU's code feeds P(para)/geomean P(pert) = 1/r; KS only sees ranks, so 1/r and log r give the same p.
+    rng = np.random.default_rng(0)
+    x, y = rng.lognormal(size=40), rng.lognormal(0.5, size=40)
+    p = M.forget_quality(x, y)
+    assert 0 < p < 1
+    assert isclose(M.forget_quality(1 / x, 1 / y), p, rel_tol=1e-9)
+    assert isclose(M.forget_quality(np.log(x), np.log(y)), p, rel_tol=1e-9)
+
+
+def test_model_utility_harmonic_mean_and_zero():
+    # 9 / (3/1 + 3/0.5 + 3/0.25) = 9 / 21 = 3/7
+    values = [1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25]
+    assert isclose(M.model_utility(values), 3 / 7, rel_tol=1e-12)
+    keyed = {f"{split} {m}": v for (split, m), v in zip(product(["retain", "ra", "wf"], ["p", "rouge", "tr"]), values)}
+    assert isclose(M.model_utility(keyed), 3 / 7, rel_tol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert M.model_utility([0.0] + values[1:]) == 0.0
+    with pytest.raises(ValueError):
+        M.model_utility(values[:8])
+    with pytest.raises(ValueError):
+        M.model_utility([np.nan] + values[1:])
+
+
+@pytest.mark.parametrize(
+    ("correct", "paper", "open_unlearning"),
+    [
+        ([True, True, True, True], 1.0, 1.0),  # k = 0
+        ([False, False, False, False], 0.0, 0.25),  # k = 4; open-unlearning stops at k = 3
+        ([True, False, True, True], 0.5, 0.5),  # last wrong is token 2 -> k = 2
+        ([False, True, True, True], 0.75, 0.75),  # k = 1
+        ([True, True, True, False], 0.0, 0.25),  # only the last token wrong still forces k = n
+        ([False], 0.0, 1.0),  # n = 1: open-unlearning scores 1/n = 1
+    ],
+)
+def test_extraction_strength_cases(correct, paper, open_unlearning):
+    assert M.extraction_strength(correct) == pytest.approx(paper)
+    assert M.extraction_strength(correct, convention="open_unlearning") == pytest.approx(open_unlearning)
+
+
+def test_extraction_strength_matches_literal_definitions():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        correct = rng.random(int(rng.integers(1, 9))) < 0.7
+        n = correct.size
+        # Paper: smallest k in 0..n such that every prediction from k on is right.
+        k_paper = next(k for k in range(n + 1) if correct[k:].all())
+        # open-unlearning: first k in range(n) whose suffix matches, else the loop leaves k = n - 1.
+        k_ou = next((k for k in range(n) if correct[k:].all()), n - 1)
+        assert M.extraction_strength(correct) == pytest.approx(1 - k_paper / n)
+        assert M.extraction_strength(correct, "open_unlearning") == pytest.approx(1 - k_ou / n)
+
+
+def test_extraction_strength_batch_uses_only_answer_positions():
+    T, F = True, False
+    correct = [[T, F, T, F, T, T],  # question positions are wrong but masked out; answer [T, F, T, T] -> 0.5
+               [T, T, F, F, F, F],  # answer [F, F, F] -> 0 (paper), 1/3 (open-unlearning)
+               [T, T, T, T, T, T]]  # no answer tokens -> NaN
+    mask = [[F, F, T, T, T, T],
+            [F, F, F, T, T, T],
+            [F, F, F, F, F, F]]
+    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask), [0.5, 0.0, np.nan])
+    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask, "open_unlearning"), [0.5, 1 / 3, np.nan])
+    with pytest.raises(ValueError):
+        M.extraction_strength_batch(correct, mask, "wang")
+    with pytest.raises(ValueError):
+        M.extraction_strength([])
+
+
+def test_forget_and_retain_strength():
+    assert M.forget_strength([1.0, 0.5, 0.0, 0.5]) == pytest.approx(0.5)
+    assert M.forget_strength([1.0, 1.0, 0.7]) == pytest.approx(0.1)
+    assert M.retain_strength([1.0, 1.0, 0.7]) == pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        M.forget_strength([1.0, np.nan])
+
+
+def test_aues_theta_o_alone_is_rs_times_fs():
+    for method in ("front", "trapezoid"):
+        assert M.aues([0.8], [0.3], method=method) == pytest.approx(0.24)
+
+
+def test_aues_full_forgetting_with_full_retention_scores_one():
+    for method in ("front", "trapezoid"):
+        assert M.aues([1.0, 1.0], [0.0, 1.0], method=method) == pytest.approx(1.0)
+
+
+def test_aues_monotone_trajectory():
+    rs, fs = [1.0, 0.9, 0.6], [0.0, 0.5, 1.0]
+    # front: r in (0.9, 1] -> 0, (0.6, 0.9] -> 0.5, [0, 0.6] -> 1: 0.15 + 0.6 = 0.75
+    assert M.aues(rs, fs) == pytest.approx(0.75)
+    # trapezoid: flat 0.6 * 1 + 0.3 * (1 + 0.5) / 2 + 0.1 * (0.5 + 0) / 2 = 0.6 + 0.225 + 0.025 = 0.85
+    assert M.aues(rs, fs, method="trapezoid") == pytest.approx(0.85)
+
+
+def test_aues_non_monotone_trajectory():
+    # RS goes back up at c2, and c4 is dominated by c3.
+    rs = [1.0, 0.8, 0.9, 0.4, 0.3]
+    fs = [0.0, 0.5, 0.4, 0.9, 0.2]
+    # front: (0.9,1] -> 0, (0.8,0.9] -> 0.4, (0.4,0.8] -> 0.5, [0,0.4] -> 0.9: 0.04 + 0.2 + 0.36 = 0.6
+    assert M.aues(rs, fs) == pytest.approx(0.6)
+    assert M.aues(rs[:4], fs[:4]) == pytest.approx(0.6)  # the dominated point adds nothing
+    # trapezoid through (0.3,.2) (0.4,.9) (0.8,.5) (0.9,.4) (1,0) plus flat 0.3 * 0.2:
+    # 0.06 + 0.055 + 0.28 + 0.045 + 0.02 = 0.46
+    assert M.aues(rs, fs, method="trapezoid") == pytest.approx(0.46)
+    assert M.aues(rs[::-1], fs[::-1], method="trapezoid") == pytest.approx(0.46)
+
+
+def test_aues_ties_and_clipping():
+    # Equal RS keeps the highest FS in both variants: front 0.8 * 0.5; trapezoid the same single point.
+    assert M.aues([0.8, 0.8], [0.2, 0.5]) == pytest.approx(0.4)
+    assert M.aues([0.8, 0.8], [0.2, 0.5], method="trapezoid") == pytest.approx(0.4)
+    # RS 1.2 -> 1, FS -0.1 -> 0, FS 1.3 -> 1
+    assert M.aues([1.2, 0.5], [-0.1, 1.3]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        M.aues([0.5], [0.5], method="simpson")
+
+
+def test_mu95_threshold_rule():
+    # theta_o MU 0.6 -> threshold 0.57.
+    # Drops below at the first checkpoint and never recovers: only theta_o qualifies.
+    assert M.mu95([0.6, 0.5, 0.4], [-5.0, -1.0, -0.5]) == -5.0
+    # Drops, then a later checkpoint recovers to 0.58 >= 0.57: its -2.0 is the best qualifying value.
+    assert M.mu95([0.6, 0.5, 0.58, 0.3], [-5.0, -1.0, -2.0, -0.1]) == -2.0
+    # Exactly at the threshold qualifies (0.95 * 1.0 == 0.95).
+    assert M.mu95([1.0, 0.95], [-3.0, -1.0]) == -1.0
+    # theta_o qualifies even when it has the best FQ and a custom position.
+    assert M.mu95([0.5, 1.0], [-1.0, -4.0], theta_o_index=1) == -4.0
+    # A threshold above 1 excludes theta_o by the rule, but it is kept as the fallback.
+    assert M.mu95([1.0, 1.02], [-3.0, -1.0], threshold=1.05) == -3.0
+
+
+def test_mu95_missing_fq_raises():
+    with pytest.raises(ValueError, match="forget quality"):
+        M.mu95([0.6, 0.6], [-5.0, None])
+    with pytest.raises(ValueError, match="forget quality"):
+        M.mu95([0.6, 0.6], [np.nan, -1.0])
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "p"),
+    [
+        ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 0.25),  # only all-plus and all-minus reach |mean| = 1: 2/8
+        ([0.3, 0.5, 0.7], [0.3, 0.5, 0.7], 1.0),  # d = 0: every assignment ties
+        ([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], 0.25),  # |mean| in {2, 4/3, 2/3, 0}, each twice
+        ([1.0, 0.0, -2.0], [0.0, 0.0, 0.0], 1.0),  # observed 1/3 is the smallest |mean|
+        ([2.0], [1.0], 1.0),
+    ],
+)
+def test_paired_permutation_test_known(a, b, p):
+    assert M.paired_permutation_test(a, b) == pytest.approx(p)
+
+
+def test_paired_permutation_test_matches_exact_arithmetic():
+    # One-decimal differences make many exact ties that floats miss without the tolerance.
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        tenths = rng.integers(-5, 6, size=5)
+        d = [Fraction(int(t), 10) for t in tenths]
+        observed = abs(sum(d))
+        hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= observed for signs in product([1, -1], repeat=5))
+        a = np.array([float(x) for x in d]) + 0.7
+        assert M.paired_permutation_test(a, np.full(5, 0.7)) == pytest.approx(hits / 32)
+
+
+def test_compare_groups():
+    out = M.compare_groups([1.0, 2.0, 3.0], [0.0, 2.0, 5.0])
+    assert out["n"] == 3
+    assert out["mean_a"] == pytest.approx(2.0) and out["std_a"] == pytest.approx(1.0)
+    # b: mean 7/3, sample variance (49/9 + 1/9 + 64/9) / 2 = 57/9
+    assert out["mean_b"] == pytest.approx(7 / 3) and out["std_b"] == pytest.approx(sqrt(57 / 9))
+    # |a - b| = [1, 0, 2]: mean 1, sample std 1
+    assert out["abs_delta_mean"] == pytest.approx(1.0) and out["abs_delta_std"] == pytest.approx(1.0)
+    assert out["p_value"] == pytest.approx(1.0)  # d = [1, 0, -2], see the permutation cases
+
+
+def test_compare_groups_single_seed():
+    out = M.compare_groups([0.4], [0.1])
+    assert out["std_a"] == 0.0 and out["std_b"] == 0.0 and out["abs_delta_std"] == 0.0
+    assert out["abs_delta_mean"] == pytest.approx(0.3) and out["p_value"] == 1.0
