@@ -1,20 +1,15 @@
 """Hand-computed cases for metrics.py: each expected value is worked out in the comment beside it."""
 from __future__ import annotations
 
-import sys
 import warnings
 from fractions import Fraction
 from itertools import product
 from math import comb, isclose, sqrt
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-# The module lives at the repo root; make it importable however pytest is launched.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import metrics as M  # noqa: E402
+import metrics as M
 
 
 def test_answer_prob_is_exp_of_minus_mean_nll():
