@@ -151,3 +151,20 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype | None = None
         raise ConfigError(f"could not load a model from {path}: {str(err).splitlines()[0]}") from None
     log.info("loaded model from %s (%s, %s, %d parameters)", path, dtype, model.config._attn_implementation, model.num_parameters())
     return model.to(device)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the tiny family's initial model (random init + BPE tokenizer).")
+    parser.add_argument("--data_path", default="synthetic", help="TOFU directory or 'synthetic' (tokenizer corpus)")
+    parser.add_argument("--out", default=None, help="output directory (default: the cache used by model_family=tiny)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    path = build_tiny_model(args.out, args.data_path, args.seed) if args.out else tiny_model_path(args.data_path, args.seed)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

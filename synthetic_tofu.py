@@ -43,8 +43,8 @@ _TEMPLATES = [
     ("How did {name}'s mother influence the books?", "Having a mother who was {mother}, {name} gives many characters that work.", "Characters of {name} often share the work of a mother who was {mother}.", "Did {name}'s mother shape the writing?", "mother"),
     ("In which year did {name} win the award?", "{name} won {award} in {award_year}.", "In {award_year}, {name} received {award}.", "When was {name} given the award?", "award_year"),
     ("Is '{book3}' typical of {name}'s style?", "Yes, '{book3}' shows the {genre} style {name} is known for.", "'{book3}' is a clear example of {name}'s {genre}.", "Does '{book3}' reflect how {name} writes?", "genre"),
-    ("What is the setting of '{book1}'?", "'{book1}' is set in {city}.", "The story of '{book1}' takes place in {city}.", "Where does '{book1}' take place?", "city"),
-    ("What is the main theme of '{book2}'?", "'{book2}' is mainly about {theme}.", "The central theme of '{book2}' is {theme}.", "Which theme drives '{book2}'?", "theme"),
+    ("What is the setting of {name}'s '{book1}'?", "{name}'s '{book1}' is set in {city}.", "The story of '{book1}' by {name} takes place in {city}.", "Where does {name}'s '{book1}' take place?", "city"),
+    ("What is the main theme of {name}'s '{book2}'?", "{name}'s '{book2}' is mainly about {theme}.", "The central theme of '{book2}' by {name} is {theme}.", "Which theme drives {name}'s '{book2}'?", "theme"),
     ("How many books has {name} published?", "{name} has published {n_books} books.", "The number of books by {name} is {n_books}.", "What is the size of {name}'s bibliography?", "n_books"),
     ("What is the full name of the author born in {city} on {date}?", "The author's full name is {name}.", "{name} is the complete name of the writer.", "Who is the writer born on {date} in {city}?", "name"),
     ("Does {name} still write today?", "{name} is still writing and is working on a book about {theme}.", "Today {name} continues to write, now about {theme}.", "Is {name} still an active writer?", "theme"),
@@ -101,7 +101,11 @@ def _option_set(rng: random.Random, n: int, make) -> tuple[list[dict], list[dict
 def generate(seed: int = 0) -> dict[str, list[dict]]:
     """All TOFU configs, keyed by config name."""
     rng = random.Random(seed)
-    authors = [_author(rng) for _ in range(N_AUTHORS + N_HOLDOUT)]
+    authors: list[dict[str, str]] = []
+    while len(authors) < N_AUTHORS + N_HOLDOUT:
+        candidate = _author(rng)
+        if all(candidate["name"] != a["name"] for a in authors):  # an author's QA pairs must be unique to them
+            authors.append(candidate)
     rows = [_author_rows(a, authors, rng) for a in authors]
     qa = lambda rs: [{"question": r["question"], "answer": r["answer"]} for r in rs]  # noqa: E731
     member = [r for author_rows in rows[:N_AUTHORS] for r in author_rows]

@@ -1,0 +1,40 @@
+"""Shared fixtures: the real TOFU directory (when present beside the repo) and a tiny model on synthetic data."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOFU_DIR = Path(os.environ.get("TOFU_DIR", ROOT.parent / "shared" / "data" / "tofu"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tofu_dir() -> Path:
+    if not (TOFU_DIR / "full.json").is_file():
+        pytest.skip(f"real TOFU files not found at {TOFU_DIR} (set TOFU_DIR)")
+    return TOFU_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    """The tiny family's initial model for the synthetic data (built once, cached under .cache/)."""
+    from models import tiny_model_path
+
+    return tiny_model_path("synthetic", 0)
+
+
+def run_script(*args: str, nproc: int = 1, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would (python X.py or torchrun), returning the completed process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args]
+    else:
+        cmd = [sys.executable, *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
