@@ -12,11 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import decoder_layers
+
 MASKED_VALUES = "masked_values"
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.get_decoder().layers
 
 
 def _add_masked_delta(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,14 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder-layer list (`model.model.layers` for Llama/OLMo-2), also found through DDP or PEFT wrappers."""
+    found = [m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and n.split(".")[-1] == "layers"]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one `layers` ModuleList in {type(model).__name__}, found {len(found)}")
+    return found[0]
+
+
 def model_families() -> dict[str, dict[str, Any]]:
     return yaml.safe_load(MODEL_CONFIG_PATH.read_text())
 

@@ -69,6 +69,10 @@ def unlearn(cfg: DictConfig) -> None:
     c = resolve(cfg)
     seed_everything(c["seed"])
     spec = get_loss(c["forget_loss"])
+    if c["hyper_param"] is None:
+        c["hyper_param"] = spec.default_hyper_param
+    elif not isinstance(c["hyper_param"], (int, float)) or isinstance(c["hyper_param"], bool):
+        raise ConfigError(f"hyper_param={c['hyper_param']!r} must be a number")
     if c["mask_path"] and c["lora_r"] > 0:
         raise ConfigError("mask_path and lora_r>0 are exclusive: a mask trains value vectors, LoRA trains adapters")
     if c["mask_path"] and not Path(c["mask_path"]).is_file():
@@ -119,7 +123,6 @@ def unlearn(cfg: DictConfig) -> None:
         restore_trainable(model, resume_state)
 
     loss_cfg = {k: c[k] for k in ("hyper_param", "retain_weight", "simnpo_gamma", "seed")}
-    loss_cfg.update(spec.cfg)
 
     def save_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
         base_model(model).save_pretrained(path, state_dict=state)
@@ -132,7 +135,7 @@ def unlearn(cfg: DictConfig) -> None:
     log.info("training %d tensors (%d values) with %s; writing to %s", len(trainable),
              sum(p.numel() for p in trainable), c["forget_loss"], out)
     try:
-        final = train(model, trainable, dataset, lambda m, b: spec.fn(m, b, ref_model, loss_cfg), settings, out,
+        final = train(model, trainable, dataset, lambda m, b: spec(m, b, ref_model, loss_cfg), settings, out,
                       save_checkpoint, resume_state, device)
     except NonFiniteLoss as err:
         raise ConfigError(str(err)) from None
