@@ -110,6 +110,7 @@ def train(
         path = run_dir / f"checkpoint-{step}"
         if is_main():
             with atomic_path(path) as tmp:
+                tmp.mkdir()
                 save_extra(tmp, plain_state_dict(model))
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "step": step, "history": history, "trainable": _trainable_by_name(model)}, tmp / STATE_FILE)

@@ -12,7 +12,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TOFU_DIR = Path(os.environ.get("TOFU_DIR", ROOT.parent / "shared" / "data" / "tofu"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests share two cores with subprocess runs; one thread each avoids OpenMP oversubscription.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,141 @@
+"""The training loop: fine-tuning lowers the loss, masks hold exactly, runs resume and run distributed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, run_script
+from dataloader import UnlearnDataset, get_loss, load_tofu
+from masking import apply_value_vector_mask, plain_state_dict
+from models import family_config, load_model, load_tokenizer
+from trainer import TrainSettings, train
+
+SETTINGS = dict(lr=5e-3, weight_decay=0.1, epochs=1, batch_size=8, grad_accum=1, warmup_ratio=0.0,
+                lr_scheduler="constant", max_grad_norm=1.0, seed=0, save_checkpoint=False, save_steps=0,
+                save_each_epoch=False)
+
+
+def _dataset(tiny_path, parts=("forget",)):
+    tok = load_tokenizer("tiny", str(tiny_path))
+    return tok, UnlearnDataset(load_tofu("forget01", "synthetic"), load_tofu("retain99", "synthetic")[:200],
+                               ["I don't know."], tok, family_config("tiny"), 64, parts, seed=0)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    (ckpt,) = [p for p in run.glob("checkpoint-*") if json.loads((p / "trainer_state.json").read_text())["final"]]
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_a_few_fine_tuning_steps_lower_the_loss(tiny_path, tmp_path):
+    tok, data = _dataset(tiny_path)
+    model = load_model(str(tiny_path), torch.device("cpu"))
+    learn = get_loss("learn")
+    batch = data.collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        before = learn(model, batch, None, {}).item()
+    saved = lambda path, state: model.save_pretrained(path, state_dict=state)  # noqa: E731
+    train(model, list(model.parameters()), data, lambda m, b: learn(m, b, None, {}),
+          TrainSettings(**{**SETTINGS, "epochs": 3}), tmp_path, saved)
+    with torch.no_grad():
+        after = learn(model, batch, None, {}).item()
+    assert after < before - 0.5
+
+
+def test_tiny_model_round_trips_through_save_pretrained(tiny_path, tmp_path):
+    model = load_model(str(tiny_path), torch.device("cpu"))
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    assert torch.equal(model(ids).logits, again(ids).logits)
+    assert model.num_parameters() == again.num_parameters()
+
+
+def test_mask_locality_and_optimizer_state(tiny_path, tmp_path):
+    """Only the selected down_proj columns change, bit for bit, with weight decay; Adam state is mask-sized."""
+    tok, data = _dataset(tiny_path, parts=("forget", "retain"))
+    model = load_model(str(tiny_path), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d_ff = model.config.intermediate_size
+    indices = [torch.tensor([0, 7, 100]), torch.tensor([3, d_ff - 1])]
+    trainable = apply_value_vector_mask(model, indices)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5 * model.config.hidden_size
+    spec = get_loss("grad_diff")
+    train(model, trainable, data, lambda m, b: spec(m, b, None, {"hyper_param": 1.0}), TrainSettings(**SETTINGS),
+          tmp_path, lambda path, state: None)
+    after = plain_state_dict(model)
+    assert set(after) == set(before)
+    for name, value in after.items():
+        if name.endswith("mlp.down_proj.weight"):
+            layer = int(name.split(".")[2])
+            outside = torch.ones(d_ff, dtype=torch.bool)
+            outside[indices[layer]] = False
+            assert torch.equal(value[:, outside], before[name][:, outside]), name
+            assert (value[:, indices[layer]] != before[name][:, indices[layer]]).all(), name
+        else:
+            assert torch.equal(value, before[name]), name
+    # The checkpointed optimizer holds state for the masked values only (two Adam moments each).
+    state = torch.load(tmp_path / "checkpoint-5" / "trainer_state.pt", weights_only=True)["optimizer"]["state"]
+    assert sum(t.numel() for s in state.values() for k, t in s.items() if k != "step") == 2 * 5 * model.config.hidden_size
+
+
+def _unlearn_args(tiny_path: Path, save_root: Path, *extra: str) -> list[str]:
+    return ["unlearn.py", "model_family=tiny", f"model_path={tiny_path}", "data_path=synthetic", "forget_split=forget01",
+            "forget_loss=grad_diff", "epochs=2", "batch_size=4", "save_steps=3", f"save_root={save_root}", *extra]
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tiny_path, tmp_path):
+    reference = run_script(*_unlearn_args(tiny_path, tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr
+    args = _unlearn_args(tiny_path, tmp_path / "killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    run_root = tmp_path / "killed"
+    deadline = time.time() + 300
+    while not any(p.name == "checkpoint-6" for p in run_root.rglob("checkpoint-*")) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = [p for p in run_root.rglob("trainer_state.json") if json.loads(p.read_text())["final"]]
+    assert not finished, "the run was killed before it could finish"
+    resumed = run_script(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stdout
+    (ref_run,) = {p.parent.parent for p in (tmp_path / "ref").rglob("trainer_state.json")}
+    (run,) = {p.parent.parent for p in run_root.rglob("trainer_state.json")}
+    ref_w, w = _weights(ref_run), _weights(run)
+    assert ref_w.keys() == w.keys() and all(torch.equal(ref_w[k], w[k]) for k in w)
+    again = run_script(*args)
+    assert "run already complete" in again.stdout
+
+
+def test_two_process_torchrun(tiny_path, tmp_path):
+    result = run_script(*_unlearn_args(tiny_path, tmp_path, "epochs=1", "save_checkpoint=false"), nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = {p.parent.parent for p in tmp_path.rglob("trainer_state.json")}
+    assert run.name.endswith("_bs_8")  # effective batch = 4 per process x 2 processes
+    assert len(list(run.glob("checkpoint-*"))) == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model_family=gpt5", "unknown model_family='gpt5'"),
+    ("forget_split=forget11", "unknown TOFU split 'forget11'"),
+    ("data_path=/nonexistent/tofu", "data_path=/nonexistent/tofu is not a directory"),
+    ("forget_loss=unlearn_harder", "unknown forget_loss='unlearn_harder'"),
+])
+def test_bad_config_is_one_clear_error(tiny_path, tmp_path, override, message):
+    result = run_script(*_unlearn_args(tiny_path, tmp_path), override)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+    assert not list(tmp_path.rglob("checkpoint-*"))
