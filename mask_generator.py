@@ -54,6 +54,7 @@ __all__ = [
     "MaskFileNotFoundError",
     "STATISTICS",
     "accumulate_statistics",
+    "all_reduce_statistics",
     "compare_masks",
     "compute_scores",
     "corrupt_answers",
