@@ -1,0 +1,996 @@
+"""Value-vector attribution, selection and mask files for localized unlearning.
+
+The unit of localization is an MLP *value vector*: column ``i`` of layer ``l``'s
+``mlp.down_proj.weight`` (shape d_model x d_ff) in a Hugging Face Llama / OLMo-2
+causal LM.  The neuron activation that multiplies value vector ``i`` is the i-th
+input feature of ``down_proj`` (``act_fn(gate_proj(x)) * up_proj(x)``), captured
+with a forward pre-hook on ``down_proj``.
+
+Every attribution method is registered in ``ATTRIBUTIONS`` and has the signature
+``fn(model, forget_batches, retain_batches, cfg) -> Tensor (n_layers, d_ff)``
+(float64, on CPU; higher = more "stores the forget knowledge").  Batches are dicts
+with ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the answer).
+
+Token convention (shared with the losses module): ``logits[:, t]`` predicts
+``labels[:, t+1]``.  The *prediction positions* of a sequence are the ``t`` with
+``labels[:, t+1] != -100``; activations are read (and, for IG, scaled) there.
+
+Data-driven methods are written as ``accumulate`` (sums and counts over the
+batches this process sees) + ``finalize`` (divide / combine).  Under
+``torch.distributed`` the statistics are all-reduced (summed) between the two, so
+sharded data gives the same scores as one process over all the data.
+
+See docs/attribution.md for the formulas and the adaptation choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+MASK_FORMAT = "loc-unlearn-mask/1"
+
+Batch = Mapping[str, torch.Tensor]
+Stats = dict[str, torch.Tensor]
+AttributionFn = Callable[[nn.Module, Iterable[Batch] | None, Iterable[Batch] | None, Mapping[str, Any]], torch.Tensor]
+
+__all__ = [
+    "ATTRIBUTIONS",
+    "MASK_FORMAT",
+    "MaskFileNotFoundError",
+    "STATISTICS",
+    "accumulate_statistics",
+    "all_reduce_statistics",
+    "compare_masks",
+    "compute_scores",
+    "corrupt_answers",
+    "finalize_statistics",
+    "get_attribution",
+    "ig_token_attributions",
+    "jaccard_markdown",
+    "load_mask",
+    "make_meta",
+    "mask_path",
+    "memflex_statistics",
+    "merge_statistics",
+    "mlp_modules",
+    "model_shape",
+    "n_select",
+    "plot_layer_distribution",
+    "random_complement",
+    "register_attribution",
+    "save_mask",
+    "select_top",
+]
+
+
+# --------------------------------------------------------------------------- registry
+
+ATTRIBUTIONS: dict[str, AttributionFn] = {}
+
+
+def register_attribution(name: str) -> Callable[[AttributionFn], AttributionFn]:
+    """Decorator adding ``fn`` to ``ATTRIBUTIONS`` under ``name``."""
+
+    def decorate(fn: AttributionFn) -> AttributionFn:
+        if name in ATTRIBUTIONS:
+            raise ValueError(f"attribution {name!r} is already registered")
+        ATTRIBUTIONS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_attribution(name: str) -> AttributionFn:
+    try:
+        return ATTRIBUTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown attribution {name!r}; available: {sorted(ATTRIBUTIONS)}") from None
+
+
+def compute_scores(
+    name: str,
+    model: nn.Module,
+    forget_batches: Iterable[Batch] | None,
+    retain_batches: Iterable[Batch] | None,
+    cfg: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """Run the registered attribution ``name``; returns (n_layers, d_ff) float64 scores on CPU."""
+    return get_attribution(name)(model, forget_batches, retain_batches, dict(cfg or {}))
+
+
+@dataclass(frozen=True)
+class StatMethod:
+    """Two-phase form of a data-driven attribution: per-shard sums, then scores."""
+
+    accumulate: Callable[[nn.Module, Iterable[Batch] | None, Iterable[Batch] | None, Mapping[str, Any]], Stats]
+    finalize: Callable[[nn.Module, Stats, Mapping[str, Any]], torch.Tensor]
+
+
+STATISTICS: dict[str, StatMethod] = {}
+
+
+def accumulate_statistics(
+    name: str, model: nn.Module, forget_batches: Iterable[Batch] | None, retain_batches: Iterable[Batch] | None,
+    cfg: Mapping[str, Any] | None = None,
+) -> Stats:
+    """Sums/counts of method ``name`` over the given batches only (no all-reduce)."""
+    return _stat_method(name).accumulate(model, forget_batches, retain_batches, dict(cfg or {}))
+
+
+def finalize_statistics(name: str, model: nn.Module, stats: Stats, cfg: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """Scores from (already merged / all-reduced) statistics."""
+    return _stat_method(name).finalize(model, stats, dict(cfg or {}))
+
+
+def merge_statistics(*parts: Stats) -> Stats:
+    """Sum statistics of disjoint shards (what all_reduce does across ranks)."""
+    if not parts:
+        raise ValueError("merge_statistics needs at least one statistics dict")
+    keys = set(parts[0])
+    for p in parts[1:]:
+        if set(p) != keys:
+            raise ValueError(f"statistics have different keys: {sorted(keys)} vs {sorted(p)}")
+    return {k: sum((p[k] for p in parts[1:]), parts[0][k].clone()) for k in parts[0]}
+
+
+def _stat_method(name: str) -> StatMethod:
+    try:
+        return STATISTICS[name]
+    except KeyError:
+        raise ValueError(f"attribution {name!r} has no accumulate/finalize form; available: {sorted(STATISTICS)}") from None
+
+
+def _register_two_phase(name: str, accumulate, finalize) -> None:
+    STATISTICS[name] = StatMethod(accumulate, finalize)
+
+    def run(model, forget_batches, retain_batches, cfg):
+        cfg = dict(cfg or {})
+        stats = accumulate(model, forget_batches, retain_batches, cfg)
+        return finalize(model, all_reduce_statistics(stats), cfg)
+
+    run.__name__ = f"{name}_scores"
+    run.__doc__ = f"{name}: accumulate -> all_reduce -> finalize (see docs/attribution.md)."
+    register_attribution(name)(run)
+
+
+# --------------------------------------------------------------------------- model access
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers
+        model = model.module
+    return model
+
+
+def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    m = _unwrap(model)
+    for path in ("model.layers", "layers", "base_model.model.model.layers", "model.model.layers"):
+        obj: Any = m
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    raise ValueError(f"cannot find decoder layers (model.model.layers) in {type(m).__name__}")
+
+
+def mlp_modules(model: nn.Module) -> list[nn.Module]:
+    """The ``mlp`` of every decoder layer (each has gate_proj, up_proj, down_proj, act_fn)."""
+    mlps = []
+    for i, layer in enumerate(_decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not isinstance(getattr(mlp, "down_proj", None), nn.Linear):
+            raise ValueError(f"layer {i} has no mlp.down_proj Linear; only Llama/OLMo-2 style MLPs are supported")
+        mlps.append(mlp)
+    return mlps
+
+
+def model_shape(model: nn.Module) -> tuple[int, int]:
+    """(n_layers, d_ff): number of decoder layers and value vectors per layer."""
+    mlps = mlp_modules(model)
+    d_ff = {m.down_proj.weight.shape[1] for m in mlps}
+    if len(d_ff) != 1:
+        raise ValueError(f"layers have different d_ff {sorted(d_ff)}; not supported")
+    return len(mlps), d_ff.pop()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    for key in ("input_ids", "labels"):
+        if key not in batch:
+            raise ValueError(f"batch lacks {key!r}; got keys {sorted(batch)}")
+    out = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
+    mask = batch.get("attention_mask")
+    out["attention_mask"] = (torch.ones_like(out["input_ids"]) if mask is None else mask).to(device)
+    return out
+
+
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL (B, T-1) in float32, zero off-answer, and the answer mask; logits[:, t] predicts labels[:, t+1]."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    lg = logits[:, :-1].float()
+    nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(targets.shape) * valid, valid
+
+
+def _prediction_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Bool (B, T): positions t whose next-token target labels[t+1] is an answer token."""
+    pos = torch.zeros_like(labels, dtype=torch.bool)
+    pos[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return pos
+
+
+@contextlib.contextmanager
+def _pre_hooks(modules: Sequence[nn.Module], make_hook: Callable[[int], Callable]) -> Iterator[None]:
+    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _scoring_scope(model: nn.Module, grad_params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
+    """eval(); every parameter frozen except ``grad_params``; grads stashed; all restored on exit."""
+    was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    keep = {id(p) for p in grad_params}
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in keep)
+            p.grad = None
+        yield
+    finally:
+        for p, f, g in zip(params, flags, grads):
+            p.requires_grad_(f)
+            p.grad = g
+        model.train(was_training)
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def _progress(batches: Iterable[Batch], desc: str, cfg: Mapping[str, Any]) -> Iterable[Batch]:
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    return tqdm(batches, desc=desc, total=total, disable=not (bool(cfg.get("progress", True)) and _is_main_process()))
+
+
+def _require(batches: Iterable[Batch] | None, what: str, method: str) -> Iterable[Batch]:
+    if batches is None:
+        raise ValueError(f"attribution {method!r} needs {what} batches, got None")
+    return batches
+
+
+def all_reduce_statistics(stats: Stats) -> Stats:
+    """Sum every statistic across ranks when torch.distributed is initialized (in place; returns ``stats``)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    cpu_backend = dist.get_backend() == "gloo"
+    for key, t in stats.items():
+        if cpu_backend and t.device.type != "cpu":
+            tmp = t.cpu()
+            dist.all_reduce(tmp, op=dist.ReduceOp.SUM)
+            t.copy_(tmp)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return stats
+
+
+def _cfg_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
+    value = cfg.get(key, default)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"cfg[{key!r}] must be a number, got {value!r}") from None
+
+
+def _cfg_int(cfg: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = cfg.get(key, default)
+    if value is None:
+        raise ValueError(f"cfg[{key!r}] is required")
+    if isinstance(value, bool) or int(value) != value:
+        raise ValueError(f"cfg[{key!r}] must be an integer, got {value!r}")
+    return int(value)
+
+
+def _cfg_choice(cfg: Mapping[str, Any], key: str, default: str, choices: Sequence[str]) -> str:
+    value = str(cfg.get(key, default))
+    if value not in choices:
+        raise ValueError(f"cfg[{key!r}] must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- random_down
+
+
+@register_attribution("random_down")
+def random_down(model: nn.Module, forget_batches, retain_batches, cfg: Mapping[str, Any]) -> torch.Tensor:
+    """Uniform random scores from a generator seeded with cfg["seed"] (top-k = uniform random subset)."""
+    if cfg.get("seed") is None:
+        raise ValueError("random_down needs cfg['seed']")
+    n_layers, d_ff = model_shape(model)
+    gen = torch.Generator().manual_seed(_cfg_int(cfg, "seed"))
+    return torch.rand((n_layers, d_ff), generator=gen, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- activation (Chang et al., 2024)
+
+
+def _activation_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
+    forget_batches = _require(forget_batches, "forget", "activation")
+    mlps = mlp_modules(model)
+    n_layers, d_ff = model_shape(model)
+    device = _device(model)
+    act_sum = torch.zeros(n_layers, d_ff, dtype=torch.float64, device=device)
+    n_tok = torch.zeros((), dtype=torch.float64, device=device)
+    current: dict[str, torch.Tensor] = {}
+
+    def make_hook(layer: int):
+        def hook(_module, args):
+            x = args[0]
+            act_sum[layer] += x[current["pos"]].double().sum(0)
+
+        return hook
+
+    with _scoring_scope(model), torch.no_grad(), _pre_hooks([m.down_proj for m in mlps], make_hook):
+        for raw in _progress(forget_batches, "activation", cfg):
+            batch = _to_device(raw, device)
+            current["pos"] = _prediction_positions(batch["labels"])
+            n_tok += current["pos"].sum()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return {"act_sum": act_sum, "n_tok": n_tok}
+
+
+def _activation_finalize(model, stats, cfg) -> torch.Tensor:
+    if stats["n_tok"].item() == 0:
+        raise ValueError("activation: the forget batches contain no answer tokens")
+    mean = stats["act_sum"] / stats["n_tok"]
+    norms = torch.stack([m.down_proj.weight.detach().double().norm(dim=0).to(mean.device) for m in mlp_modules(model)])
+    return (mean.abs() * norms).cpu()
+
+
+_register_two_phase("activation", _activation_accumulate, _activation_finalize)
+
+
+# --------------------------------------------------------------------------- gradients of down_proj
+
+
+def _down_weights(model: nn.Module) -> list[nn.Parameter]:
+    return [m.down_proj.weight for m in mlp_modules(model)]
+
+
+def _grad_sum(model: nn.Module, batches: Iterable[Batch], desc: str, cfg: Mapping[str, Any],
+              loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over batches of d(loss_fn)/d(down_proj.weight), stacked (n_layers, d_model, d_ff) float32, and the count."""
+    weights = _down_weights(model)
+    device = _device(model)
+    buf = torch.zeros((len(weights), *weights[0].shape), dtype=torch.float32, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    with _scoring_scope(model, weights), torch.enable_grad():
+        for raw in _progress(batches, desc, cfg):
+            batch = _to_device(raw, device)
+            loss, n = loss_fn(model, batch)
+            count += n
+            if n.item() == 0:
+                continue
+            loss.backward()
+            for layer, w in enumerate(weights):
+                buf[layer] += w.grad.float()
+                w.grad = None
+    return buf, count
+
+
+def _summed_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    nll, valid = _token_nll(_logits(model, batch), batch["labels"])
+    return nll.sum(), valid.sum().double()
+
+
+def _loss_scale(stats: Stats, count_key: str, cfg: Mapping[str, Any]) -> torch.Tensor | float:
+    if _cfg_choice(cfg, "loss_reduction", "sum", ("sum", "mean")) == "sum":
+        return 1.0
+    n = stats[count_key]
+    if n.item() == 0:
+        raise ValueError("loss_reduction='mean' but the batches contain no answer tokens")
+    return 1.0 / n.float()
+
+
+def _grad_down_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
+    g, n = _grad_sum(model, _require(forget_batches, "forget", "grad_down"), "grad_down", cfg, _summed_nll)
+    return {"grad_f": g, "n_tok_f": n}
+
+
+def _grad_down_finalize(model, stats, cfg) -> torch.Tensor:
+    g = stats["grad_f"] * _loss_scale(stats, "n_tok_f", cfg)
+    return g.double().norm(dim=1).cpu()
+
+
+_register_two_phase("grad_down", _grad_down_accumulate, _grad_down_finalize)
+
+
+def _wagle_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
+    gf, nf = _grad_sum(model, _require(forget_batches, "forget", "wagle_down"), "wagle_down forget", cfg, _summed_nll)
+    gr, nr = _grad_sum(model, _require(retain_batches, "retain", "wagle_down"), "wagle_down retain", cfg, _summed_nll)
+    return {"grad_f": gf, "n_tok_f": nf, "grad_r": gr, "n_tok_r": nr}
+
+
+def _wagle_finalize(model, stats, cfg) -> torch.Tensor:
+    mu = _cfg_float(cfg, "wagle_mu", 1e-6)
+    if mu <= 0:
+        raise ValueError(f"cfg['wagle_mu'] must be > 0, got {mu}")
+    sf = _loss_scale(stats, "n_tok_f", cfg)
+    sr = _loss_scale(stats, "n_tok_r", cfg)
+    out = []
+    for layer, w in enumerate(_down_weights(model)):  # per layer: bounded temporaries on big models
+        theta = w.detach().double().to(stats["grad_f"].device)
+        gf = stats["grad_f"][layer].double() * sf
+        gr = stats["grad_r"][layer].double() * sr
+        out.append(((theta - gr / mu) * gf).abs().sum(dim=0))
+    return torch.stack(out).cpu()
+
+
+_register_two_phase("wagle_down", _wagle_accumulate, _wagle_finalize)
+
+
+# --------------------------------------------------------------------------- MemFlex (Tian et al., 2024)
+
+
+def _example_seed(seed: int, copy: int, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> int:
+    """Seed that depends only on (seed, copy, the example's real tokens) -> independent of batching/sharding/padding."""
+    keep = mask.bool()
+    data = torch.stack([input_ids[keep], labels[keep]]).to(torch.int64).cpu().numpy().tobytes()
+    digest = hashlib.blake2b(f"{int(seed)}:{int(copy)}:".encode() + data, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def corrupt_answers(batch: Batch, vocab_size: int, seed: int, copy: int, corrupt_inputs: bool = True) -> dict[str, torch.Tensor]:
+    """MemFlex random-label copy: in each example, floor(n/2) distinct answer tokens (labels != -100) are replaced
+    by uniform random ids in [0, vocab_size).  The draw depends only on (seed, copy, the example's real tokens).
+    ``corrupt_inputs``: also write the random ids into input_ids (the reference implementation corrupts the
+    answer text, i.e. inputs and labels); otherwise only the labels change.  Returns a new batch dict."""
+    input_ids = batch["input_ids"].clone()
+    labels = batch["labels"].clone()
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    for b in range(labels.shape[0]):
+        answer = (labels[b] != IGNORE_INDEX).nonzero().flatten()
+        k = answer.numel() // 2
+        if k == 0:
+            continue
+        gen = torch.Generator().manual_seed(_example_seed(seed, copy, batch["input_ids"][b], batch["labels"][b], mask[b]))
+        pick = answer[torch.randperm(answer.numel(), generator=gen)[:k].to(answer.device)]
+        new = torch.randint(0, int(vocab_size), (k,), generator=gen).to(labels.device)
+        labels[b, pick] = new
+        if corrupt_inputs:
+            input_ids[b, pick] = new
+    return {"input_ids": input_ids, "attention_mask": mask.clone(), "labels": labels}
+
+
+def _memflex_vocab(model: nn.Module, cfg: Mapping[str, Any]) -> int:
+    if cfg.get("memflex_vocab_size") is not None:
+        return _cfg_int(cfg, "memflex_vocab_size")
+    return int(_unwrap(model).get_input_embeddings().weight.shape[0])
+
+
+def _memflex_loss_fn(cfg: Mapping[str, Any], vocab: int):
+    seed = _cfg_int(cfg, "seed", 0)
+    copies = _cfg_int(cfg, "memflex_copies", 3)
+    if copies < 1:
+        raise ValueError(f"cfg['memflex_copies'] must be >= 1, got {copies}")
+    corrupt_inputs = bool(cfg.get("memflex_corrupt_inputs", True))
+
+    def loss_fn(model, batch):
+        total = None
+        count = torch.zeros((), dtype=torch.float64, device=batch["input_ids"].device)
+        for c in range(copies):
+            cb = corrupt_answers(batch, vocab, seed, c, corrupt_inputs)
+            nll, valid = _token_nll(_logits(model, cb), cb["labels"])
+            n = valid.sum(dim=1)
+            has = n > 0
+            per_example = nll.sum(dim=1)[has] / n[has]  # token-mean NLL of each example
+            term = per_example.sum()
+            total = term if total is None else total + term
+            count += has.sum()
+        return total, count
+
+    return loss_fn
+
+
+def _memflex_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
+    vocab = _memflex_vocab(model, cfg)
+    loss_fn = _memflex_loss_fn(cfg, vocab)
+    gf, nf = _grad_sum(model, _require(forget_batches, "forget", "memflex_down"), "memflex_down forget", cfg, loss_fn)
+    gr, nr = _grad_sum(model, _require(retain_batches, "retain", "memflex_down"), "memflex_down retain", cfg, loss_fn)
+    return {"grad_f": gf, "n_f": nf, "grad_r": gr, "n_r": nr}
+
+
+def _memflex_stats_from(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
+    for key in ("n_f", "n_r"):
+        if stats[key].item() == 0:
+            raise ValueError(f"memflex_down: no example with an answer token in the {'forget' if key == 'n_f' else 'retain'} set")
+    gf = stats["grad_f"].double() / stats["n_f"]
+    gr = stats["grad_r"].double() / stats["n_r"]
+    dot = (gf * gr).sum(dim=1)
+    denom = gf.norm(dim=1) * gr.norm(dim=1)
+    cosine = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dot))
+    mean_abs_gf = gf.abs().mean(dim=1)
+    return cosine.cpu(), mean_abs_gf.cpu()
+
+
+def _memflex_finalize(model, stats, cfg) -> torch.Tensor:
+    cosine, mag = _memflex_stats_from(stats)
+    mu = _cfg_float(cfg, "memflex_mu", 0.92)
+    sigma = _cfg_float(cfg, "memflex_sigma", 6e-4)
+    rule = _cfg_choice(cfg, "memflex_rule", "budget", ("budget", "threshold"))
+    passing = cosine < mu
+    if rule == "threshold":
+        keep = passing & (mag > sigma)
+        return torch.where(keep, mag, torch.full_like(mag, -math.inf))
+    # budget: every cosine-passing vector (ranked by magnitude) above every other one (ranked by lowest cosine)
+    return torch.where(passing, 3.0 + mag, 1.0 - cosine)
+
+
+_register_two_phase("memflex_down", _memflex_accumulate, _memflex_finalize)
+
+
+def memflex_statistics(model: nn.Module, forget_batches: Iterable[Batch], retain_batches: Iterable[Batch],
+                       cfg: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine(g_f, g_r), mean |g_f|), each (n_layers, d_ff) float64, per value vector (all-reduced when distributed)."""
+    cfg = dict(cfg or {})
+    stats = all_reduce_statistics(_memflex_accumulate(model, forget_batches, retain_batches, cfg))
+    return _memflex_stats_from(stats)
+
+
+# --------------------------------------------------------------------------- integrated gradients (Dai et al., 2022)
+
+
+def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str = "layer") -> torch.Tensor:
+    """Signed IG attributions (n_layers, N, d_ff) float32 for the N prediction positions of ``batch``
+    (row-major over (example, position)).  F = sum over answer tokens of log p(answer token).
+
+    At layer l the down_proj input at prediction positions is replaced by alpha_k * a (a = the unscaled
+    activation, baseline 0), alpha_k = k/steps, k = 1..steps; attribution = a * mean_k dF/d(input).
+    mode "layer": one layer scaled at a time (others untouched) -> sum over a layer ~ F(1) - F(layer zeroed).
+    mode "all": all layers scaled together (one path) -> sum over all layers ~ F(1) - F(all zeroed)."""
+    if steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {steps}")
+    if mode not in ("layer", "all"):
+        raise ValueError(f"ig mode must be 'layer' or 'all', got {mode!r}")
+    mlps = mlp_modules(model)
+    downs = [m.down_proj for m in mlps]
+    n_layers = len(mlps)
+    device = _device(model)
+    b = _to_device(batch, device)
+    pos = _prediction_positions(b["labels"])
+    n = int(pos.sum())
+    d_ff = downs[0].weight.shape[1]
+    out = torch.zeros(n_layers, n, d_ff, dtype=torch.float32, device=device)
+    if n == 0:
+        return out
+    with _scoring_scope(model):
+        acts: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+
+        def capture(layer: int):
+            def hook(_module, args):
+                acts[layer] = args[0].detach()
+
+            return hook
+
+        with torch.no_grad(), _pre_hooks(downs, capture):
+            _logits(model, b)
+        groups = [[layer] for layer in range(n_layers)] if mode == "layer" else [list(range(n_layers))]
+        pos3 = pos.unsqueeze(-1)
+        for group in groups:
+            gsum = {layer: torch.zeros_like(acts[layer], dtype=torch.float32) for layer in group}
+            for k in range(1, steps + 1):
+                alpha = k / steps
+                zs = {layer: torch.zeros_like(acts[layer], requires_grad=True) for layer in group}
+
+                def scale(layer: int, alpha=alpha, zs=zs):
+                    def hook(_module, args):
+                        if layer not in zs:
+                            return None
+                        new = torch.where(pos3, acts[layer] * alpha, args[0]) + zs[layer]
+                        return (new, *args[1:])
+
+                    return hook
+
+                with torch.enable_grad(), _pre_hooks(downs, scale):
+                    nll, _ = _token_nll(_logits(model, b), b["labels"])
+                    grads = torch.autograd.grad(-nll.sum(), [zs[layer] for layer in group])
+                for layer, g in zip(group, grads):
+                    gsum[layer] += g.float()
+            for layer in group:
+                out[layer] = (acts[layer].float() * gsum[layer] / steps)[pos]
+    return out
+
+
+def _ig_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
+    forget_batches = _require(forget_batches, "forget", "ig_down")
+    steps = _cfg_int(cfg, "ig_steps", 20)
+    mode = _cfg_choice(cfg, "ig_mode", "layer", ("layer", "all"))
+    agg = _cfg_choice(cfg, "ig_aggregate", "abs", ("abs", "signed", "pos"))
+    n_layers, d_ff = model_shape(model)
+    device = _device(model)
+    attr_sum = torch.zeros(n_layers, d_ff, dtype=torch.float64, device=device)
+    n_tok = torch.zeros((), dtype=torch.float64, device=device)
+    for raw in _progress(forget_batches, "ig_down", cfg):
+        attr = ig_token_attributions(model, raw, steps, mode).double()
+        if agg == "abs":
+            attr = attr.abs()
+        elif agg == "pos":
+            attr = attr.clamp_min(0)
+        attr_sum += attr.sum(dim=1)
+        n_tok += attr.shape[1]
+    return {"attr_sum": attr_sum, "n_tok": n_tok}
+
+
+def _ig_finalize(model, stats, cfg) -> torch.Tensor:
+    if stats["n_tok"].item() == 0:
+        raise ValueError("ig_down: the forget batches contain no answer tokens")
+    return (stats["attr_sum"] / stats["n_tok"]).cpu()
+
+
+_register_two_phase("ig_down", _ig_accumulate, _ig_finalize)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _check_ratio(ratio: Any) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a number in (0, 1] (fraction of value vectors to select), got {ratio!r}")
+    return float(ratio)
+
+
+def n_select(ratio: float, total: int) -> int:
+    """round(ratio * total) (Python round); ValueError if the ratio is outside (0, 1] or the budget is 0."""
+    k = round(_check_ratio(ratio) * total)
+    if k < 1:
+        raise ValueError(f"ratio {ratio} of {total} value vectors selects 0 vectors; use a larger ratio")
+    return k
+
+
+def _check_scores(scores: torch.Tensor) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a float tensor (n_layers, d_ff), got {getattr(scores, 'shape', type(scores))}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN; cannot rank")
+    return scores.detach().cpu().double()
+
+
+def _top_order(flat: torch.Tensor) -> torch.Tensor:
+    # stable sort on -score: equal scores keep ascending index order (lower index first)
+    return torch.sort(-flat, stable=True).indices
+
+
+def select_top(scores: torch.Tensor, ratio: float, per_layer: bool = False, finite_only: bool = False) -> list[torch.Tensor]:
+    """Top value vectors by score: per layer, sorted int64 indices.
+
+    Exactly round(ratio * n_layers * d_ff) vectors in total, or with ``per_layer`` round(ratio * d_ff) in
+    every layer.  Ties: the lower (flat, i.e. layer-major) index wins.  ``finite_only``: vectors scored -inf
+    are never selected, so fewer may come back; this is how MemFlex's threshold rule (memflex_rule=
+    "threshold", which scores failing vectors -inf) flows through: ratio=1.0 keeps every passing vector,
+    a smaller ratio caps the count (passing vectors ranked by mean |g_f|)."""
+    s = _check_scores(scores)
+    n_layers, d_ff = s.shape
+    if per_layer:
+        k = n_select(ratio, d_ff)
+        out = []
+        for row in s:
+            idx = _top_order(row)[:k]
+            if finite_only:
+                idx = idx[row[idx] > -math.inf]
+            out.append(torch.sort(idx).values.to(torch.int64))
+        return out
+    k = n_select(ratio, n_layers * d_ff)
+    flat = s.reshape(-1)
+    idx = _top_order(flat)[:k]
+    if finite_only:
+        idx = idx[flat[idx] > -math.inf]
+    return _split_flat(idx, n_layers, d_ff)
+
+
+def _split_flat(flat_idx: torch.Tensor, n_layers: int, d_ff: int) -> list[torch.Tensor]:
+    flat_idx = torch.sort(flat_idx.to(torch.int64)).values
+    layers = flat_idx // d_ff
+    return [flat_idx[layers == layer] - layer * d_ff for layer in range(n_layers)]
+
+
+def _check_indices(indices: Any, what: str, n_layers: int | None = None, d_ff: int | None = None) -> list[torch.Tensor]:
+    if not isinstance(indices, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in indices):
+        raise ValueError(f"{what}: indices must be a list of 1-D integer tensors (one per layer)")
+    if n_layers is not None and len(indices) != n_layers:
+        raise ValueError(f"{what}: has {len(indices)} layers but the model has {n_layers}; it was made for a different model")
+    out = []
+    for layer, t in enumerate(indices):
+        if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{what}: layer {layer} indices must be a 1-D integer tensor, got dtype {t.dtype} shape {tuple(t.shape)}")
+        t = t.detach().cpu().to(torch.int64)
+        if t.numel():
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or (d_ff is not None and hi >= d_ff):
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"{what}: layer {layer} has index {bad} out of range [0, {d_ff if d_ff is not None else 'd_ff'})")
+        uniq, counts = torch.unique(t, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"{what}: layer {layer} has duplicated indices {uniq[counts > 1].tolist()[:10]}")
+        out.append(t)
+    return out
+
+
+def random_complement(target: Sequence[torch.Tensor], d_ff: int, n_layers: int, count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` value vectors drawn uniformly at random (torch.Generator seeded with ``seed``) from outside ``target``."""
+    tgt = _check_indices(list(target), "random_complement target", n_layers, d_ff)
+    if isinstance(count, bool) or int(count) != count or count < 0:
+        raise ValueError(f"count must be a non-negative integer, got {count!r}")
+    taken = torch.zeros(n_layers * d_ff, dtype=torch.bool)
+    for layer, t in enumerate(tgt):
+        taken[layer * d_ff + t] = True
+    free = (~taken).nonzero().flatten()
+    if count > free.numel():
+        raise ValueError(f"cannot draw {count} complement vectors: only {free.numel()} of {n_layers * d_ff} are outside the target")
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = free[torch.randperm(free.numel(), generator=gen)[: int(count)]]
+    return _split_flat(chosen, n_layers, d_ff)
+
+
+# --------------------------------------------------------------------------- mask files
+
+
+class MaskFileNotFoundError(ValueError, FileNotFoundError):
+    """A mask path that does not exist (a ValueError, and a FileNotFoundError)."""
+
+
+def _primitive(obj: Any) -> Any:
+    """Plain dict/list/str/int/float/bool/None copy (OmegaConf configs and tuples included)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {str(k): _primitive(v) for k, v in obj.items()}
+    if isinstance(obj, (set, frozenset)):
+        return sorted((_primitive(v) for v in obj), key=repr)
+    if isinstance(obj, (list, tuple)) or (hasattr(obj, "__iter__") and hasattr(obj, "__len__") and not isinstance(obj, (bytes, torch.Tensor))):
+        return [_primitive(v) for v in obj]
+    return str(obj)
+
+
+def make_meta(method: str, variant: str, ratio: float, seed: int, model_family: str, n_layers: int, d_ff: int,
+              forget_split: str, data_source: str, config: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The metadata dict stored in a mask file (plain primitives)."""
+    meta = {
+        "method": method, "variant": variant, "ratio": ratio, "seed": seed, "model_family": model_family,
+        "n_layers": n_layers, "d_ff": d_ff, "forget_split": forget_split, "data_source": data_source,
+        "config": config or {},
+    }
+    meta.update(extra)
+    return _primitive(meta)
+
+
+def save_mask(path: str | os.PathLike, indices: Sequence[torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Atomically write {"format", "indices": [int64 per layer, sorted], "meta"} (torch.save; weights_only-loadable).
+
+    Same inputs -> identical bytes (serialized in memory, independent of the path)."""
+    path = os.fspath(path)
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"meta must be a mapping, got {type(meta).__name__}")
+    meta = _primitive(meta)
+    d_ff = meta.get("d_ff")
+    n_layers = meta.get("n_layers")
+    idx = _check_indices(list(indices), f"save_mask({path})", n_layers if isinstance(n_layers, int) else None,
+                         d_ff if isinstance(d_ff, int) else None)
+    idx = [torch.sort(t).values.contiguous().clone() for t in idx]
+    meta.setdefault("n_layers", len(idx))
+    meta["n_selected"] = int(sum(t.numel() for t in idx))
+    buffer = io.BytesIO()
+    torch.save({"format": MASK_FORMAT, "indices": idx, "meta": meta}, buffer)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def load_mask(path: str | os.PathLike, n_layers: int | None = None, d_ff: int | None = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Load and validate a mask file; returns (indices per layer as int64, meta).  Every problem is a ValueError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MaskFileNotFoundError(f"mask file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / BadZipFile ...
+        raise ValueError(f"mask file {path} is unreadable (corrupt or truncated?): {type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, dict) or "indices" not in obj or "meta" not in obj or "format" not in obj:
+        raise ValueError(f"{path} is not a loc-unlearn mask (expected a dict with 'format', 'indices', 'meta')")
+    if obj["format"] != MASK_FORMAT:
+        raise ValueError(f"{path} has unsupported mask format {obj['format']!r} (expected {MASK_FORMAT!r})")
+    meta = obj["meta"]
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a loc-unlearn mask: 'meta' is {type(meta).__name__}, not a dict")
+    indices = obj["indices"]
+    if not isinstance(indices, list):
+        raise ValueError(f"{path} is not a loc-unlearn mask: 'indices' is {type(indices).__name__}, not a list")
+    family = meta.get("model_family", "?")
+    if isinstance(meta.get("n_layers"), int) and meta["n_layers"] != len(indices):
+        raise ValueError(f"mask {path} is inconsistent (corrupt?): meta says {meta['n_layers']} layers, "
+                         f"indices has {len(indices)}")
+    if n_layers is not None and len(indices) != n_layers:
+        raise ValueError(f"mask {path} has {len(indices)} layers but the model has {n_layers}: "
+                         f"it was generated for another model (model_family={family!r})")
+    meta_d_ff = meta.get("d_ff")
+    if d_ff is not None and meta_d_ff is not None and meta_d_ff != d_ff:
+        raise ValueError(f"mask {path} was generated for d_ff={meta_d_ff} but the model has d_ff={d_ff} "
+                         f"(model_family={family!r})")
+    return _check_indices(indices, f"mask {path}", None, d_ff if d_ff is not None else meta_d_ff), meta
+
+
+def _fmt_ratio(ratio: Any) -> str:
+    return ratio if isinstance(ratio, str) else repr(float(ratio))
+
+
+def mask_path(mask_root: str | os.PathLike, attribution: str, model_family: str, forget_split: str, variant: str,
+              ratio: float | str, seed: int) -> str:
+    """{mask_root}/{attribution}/{model_family}/TOFU/default/{forget_split}/{attribution}_mask_{variant}_{ratio}_s{seed}.pt
+    (ratio written as repr(float(ratio)), e.g. 0.1 -> "0.1", 1 -> "1.0")."""
+    name = f"{attribution}_mask_{variant}_{_fmt_ratio(ratio)}_s{seed}.pt"
+    return os.path.join(os.fspath(mask_root), attribution, model_family, "TOFU", "default", forget_split, name)
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def _flat_set(mask: Sequence[torch.Tensor], d_ff: int) -> set[int]:
+    return {layer * d_ff + int(i) for layer, t in enumerate(mask) for i in t.tolist()}
+
+
+def compare_masks(named_masks: Mapping[str, Sequence[torch.Tensor]], d_ff: int) -> dict[str, Any]:
+    """{"names", "n_layers", "d_ff", "sizes", "jaccard": {a: {b: J}}, "per_layer_fraction": {name: [f_l]}}.
+    J = |A & B| / |A | B| over (layer, index) pairs (1.0 for two empty masks)."""
+    if not named_masks:
+        raise ValueError("compare_masks needs at least one mask")
+    names = list(named_masks)
+    layer_counts = {len(named_masks[n]) for n in names}
+    if len(layer_counts) != 1:
+        raise ValueError(f"masks have different layer counts: { {n: len(named_masks[n]) for n in names} }")
+    n_layers = layer_counts.pop()
+    checked = {n: _check_indices(list(named_masks[n]), f"mask {n!r}", n_layers, d_ff) for n in names}
+    sets = {n: _flat_set(checked[n], d_ff) for n in names}
+    jac = {}
+    for a in names:
+        jac[a] = {}
+        for b in names:
+            union = len(sets[a] | sets[b])
+            jac[a][b] = 1.0 if union == 0 else len(sets[a] & sets[b]) / union
+    return {
+        "names": names,
+        "n_layers": n_layers,
+        "d_ff": d_ff,
+        "sizes": {n: len(sets[n]) for n in names},
+        "jaccard": jac,
+        "per_layer_fraction": {n: [t.numel() / d_ff for t in checked[n]] for n in names},
+    }
+
+
+def jaccard_markdown(comparison: Mapping[str, Any]) -> str:
+    names = comparison["names"]
+    lines = ["| mask | n | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+    for a in names:
+        cells = " | ".join(f"{comparison['jaccard'][a][b]:.3f}" for b in names)
+        lines.append(f"| {a} | {comparison['sizes'][a]} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_layer_distribution(named_masks: Mapping[str, Sequence[torch.Tensor]], d_ff: int, png_path: str | os.PathLike) -> None:
+    """PNG of the fraction of each layer's value vectors selected, one line per mask (Agg, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    comp = compare_masks(named_masks, d_ff)
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    layers = list(range(comp["n_layers"]))
+    for name in comp["names"]:
+        ax.plot(layers, comp["per_layer_fraction"][name], marker="o", markersize=3, label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of value vectors selected")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    png_path = os.fspath(png_path)
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+
+
+def _mask_names(paths: Sequence[str]) -> list[str]:
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [os.path.normpath(p) for p in paths]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mask_generator.py", description="Mask diagnostics.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp_ = sub.add_parser("compare", help="Jaccard overlap table + per-layer distribution of mask files")
+    cmp_.add_argument("masks", nargs="+", metavar="MASK")
+    cmp_.add_argument("--out", required=True, metavar="DIR", help="writes DIR/layer_distribution.png and DIR/compare.json")
+    args = parser.parse_args(argv)
+    try:
+        return _compare_cli(args.masks, args.out)
+    except ValueError as exc:
+        parser.error(str(exc))
+        return 2  # unreachable: parser.error exits
+
+
+def _compare_cli(mask_files: Sequence[str], out_dir: str) -> int:
+    loaded, metas = {}, {}
+    d_ffs = set()
+    for path, name in zip(mask_files, _mask_names(mask_files)):
+        indices, meta = load_mask(path)
+        loaded[name], metas[name] = indices, meta
+        if meta.get("d_ff") is None:
+            raise ValueError(f"mask {path} has no d_ff in its meta")
+        d_ffs.add(meta["d_ff"])
+    if len(d_ffs) != 1:
+        raise ValueError(f"masks were made for different d_ff {sorted(d_ffs)}")
+    d_ff = d_ffs.pop()
+    comp = compare_masks(loaded, d_ff)
+    print(jaccard_markdown(comp))
+    os.makedirs(out_dir, exist_ok=True)
+    png = os.path.join(out_dir, "layer_distribution.png")
+    plot_layer_distribution(loaded, d_ff, png)
+    out_json = os.path.join(out_dir, "compare.json")
+    with open(out_json, "w") as fh:
+        json.dump({**comp, "files": dict(zip(comp["names"], mask_files)), "meta": metas}, fh, indent=2)
+    print(f"\nwrote {png} and {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""Tests for mask_generator.py on a tiny random Llama: every score is checked against a direct computation."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+# The module lives at the repo root; make it importable however pytest is launched.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mask_generator as mg  # noqa: E402
+
+N_LAYERS, D_MODEL, D_FF, VOCAB = 2, 16, 24, 50
+PROMPT = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_FF, num_hidden_layers=N_LAYERS,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+    )
+    m = LlamaForCausalLM(cfg).float()
+    m.eval()
+    return m
+
+
+def make_batches(seed: int, n_batches: int, bsz: int = 2, seq: int = 10) -> list[dict[str, torch.Tensor]]:
+    """Random batches: -100 on a PROMPT-token prompt; in each batch the last row has 2 (right) padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(0, VOCAB, (bsz, seq), generator=g)
+        mask = torch.ones(bsz, seq, dtype=torch.long)
+        mask[-1, -2:] = 0
+        labels = ids.clone()
+        labels[:, :PROMPT] = -100
+        labels[mask == 0] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+FORGET = make_batches(1, 3)
+RETAIN = make_batches(2, 2)
+PICKS = [(0, 0), (0, 7), (1, 3), (1, 23)]
+
+
+def summed_nll(model, batches) -> torch.Tensor:
+    total = 0.0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        total = total + F.cross_entropy(logits[:, :-1].transpose(1, 2), b["labels"][:, 1:], ignore_index=-100, reduction="sum")
+    return total
+
+
+def down_weights(model):
+    return [layer.mlp.down_proj.weight for layer in model.model.layers]
+
+
+# --------------------------------------------------------------------------- registry / selection
+
+
+def test_registry_has_all_methods():
+    assert {"random_down", "activation", "grad_down", "wagle_down", "memflex_down", "ig_down"} <= set(mg.ATTRIBUTIONS)
+    with pytest.raises(ValueError, match="unknown attribution"):
+        mg.get_attribution("nope")
+
+
+def test_model_shape(model):
+    assert mg.model_shape(model) == (N_LAYERS, D_FF)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.25, 0.5, 1.0])
+def test_select_top_exact_counts(ratio):
+    scores = torch.rand(3, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sel = mg.select_top(scores, ratio)
+    assert sum(len(t) for t in sel) == round(ratio * 120)
+    chosen = {(l, int(i)) for l, t in enumerate(sel) for i in t}
+    others = [scores[l, i].item() for l in range(3) for i in range(40) if (l, i) not in chosen]
+    if others:
+        assert min(scores[l, i].item() for l, i in chosen) >= max(others)
+    per = mg.select_top(scores, ratio, per_layer=True)
+    assert [len(t) for t in per] == [round(ratio * 40)] * 3
+    for l, t in enumerate(per):
+        assert t.dtype == torch.int64 and torch.equal(t, torch.sort(t).values)
+        rest = [scores[l, i].item() for i in range(40) if i not in set(t.tolist())]
+        if rest:
+            assert scores[l, t].min().item() >= max(rest)
+
+
+def test_select_top_ties_and_bad_ratio():
+    scores = torch.zeros(2, 5)
+    assert [t.tolist() for t in mg.select_top(scores, 0.3)] == [[0, 1, 2], []]  # ties: lowest flat index first
+    assert [t.tolist() for t in mg.select_top(scores, 0.4, per_layer=True)] == [[0, 1], [0, 1]]
+    for bad in (0, -0.1, 1.5, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\]"):
+            mg.select_top(scores, bad)
+    with pytest.raises(ValueError, match="selects 0 vectors"):
+        mg.select_top(scores, 0.01)
+    with pytest.raises(ValueError, match="NaN"):
+        mg.select_top(torch.tensor([[float("nan"), 1.0]]), 0.5)
+
+
+def test_random_complement():
+    target = [torch.tensor([0, 3, 5]), torch.tensor([], dtype=torch.long), torch.tensor([9])]
+    comp = mg.random_complement(target, d_ff=10, n_layers=3, count=12, seed=7)
+    assert sum(len(t) for t in comp) == 12
+    for t, c in zip(target, comp):
+        assert not set(t.tolist()) & set(c.tolist())
+        assert len(set(c.tolist())) == len(c) and all(0 <= i < 10 for i in c.tolist())
+    assert all(torch.equal(a, b) for a, b in zip(comp, mg.random_complement(target, 10, 3, 12, 7)))
+    assert not all(torch.equal(a, b) for a, b in zip(comp, mg.random_complement(target, 10, 3, 12, 8)))
+    full = mg.random_complement(target, 10, 3, 26, 0)  # everything that is left
+    assert sum(len(t) for t in full) == 26
+    with pytest.raises(ValueError, match="only 26"):
+        mg.random_complement(target, 10, 3, 27, 0)
+
+
+# --------------------------------------------------------------------------- mask files
+
+
+def test_random_mask_bytes_deterministic(model, tmp_path):
+    def make(seed, name):
+        scores = mg.compute_scores("random_down", model, None, None, {"seed": seed})
+        idx = mg.select_top(scores, 0.25)
+        meta = mg.make_meta("random_down", "global", 0.25, seed, "tiny", N_LAYERS, D_FF, "forget10", "unit-test",
+                            {"seed": seed, "nested": {"a": (1, 2)}})
+        path = tmp_path / name / "mask.pt"
+        mg.save_mask(path, idx, meta)
+        return path, idx
+
+    p1, i1 = make(3, "a")
+    p2, _ = make(3, "b")
+    p3, i3 = make(4, "c")
+    assert p1.read_bytes() == p2.read_bytes()
+    assert p1.read_bytes() != p3.read_bytes()
+    assert sum(len(t) for t in i1) == round(0.25 * N_LAYERS * D_FF)
+    assert any(not torch.equal(a, b) for a, b in zip(i1, i3))
+    assert not os.path.exists(str(p1) + ".tmp")
+    raw = torch.load(p1, weights_only=True)
+    assert raw["format"] == mg.MASK_FORMAT and raw["meta"]["config"]["nested"]["a"] == [1, 2]
+    idx, meta = mg.load_mask(p1, n_layers=N_LAYERS, d_ff=D_FF)
+    assert all(torch.equal(a, b) for a, b in zip(idx, i1))
+    assert meta["method"] == "random_down" and meta["n_selected"] == 12 and meta["d_ff"] == D_FF
+
+
+def test_mask_path():
+    p = mg.mask_path("/m", "grad_down", "llama2", "forget10", "global", 0.1, 3)
+    assert p == "/m/grad_down/llama2/TOFU/default/forget10/grad_down_mask_global_0.1_s3.pt"
+
+
+def test_load_mask_rejections(tmp_path):
+    good = [torch.tensor([1, 2]), torch.tensor([0])]
+    meta = mg.make_meta("x", "global", 0.1, 0, "fam", 2, D_FF, "forget10", "t")
+    path = tmp_path / "m.pt"
+    mg.save_mask(path, good, meta)
+    with pytest.raises(ValueError, match="has 2 layers but the model has 3"):
+        mg.load_mask(path, n_layers=3, d_ff=D_FF)
+    with pytest.raises(ValueError, match="d_ff=24 but the model has d_ff=32"):
+        mg.load_mask(path, n_layers=2, d_ff=32)
+    with pytest.raises(ValueError, match="mask file not found"):
+        mg.load_mask(tmp_path / "missing.pt")
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="unreadable"):
+        mg.load_mask(tmp_path / "trunc.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(ValueError, match="unreadable"):
+        mg.load_mask(tmp_path / "junk.pt")
+    torch.save({"indices": good}, tmp_path / "notmask.pt")
+    with pytest.raises(ValueError, match="not a loc-unlearn mask"):
+        mg.load_mask(tmp_path / "notmask.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="not a loc-unlearn mask"):
+        mg.load_mask(tmp_path / "list.pt")
+    raw = {"format": mg.MASK_FORMAT, "meta": {"d_ff": D_FF}}
+    torch.save({**raw, "indices": [torch.tensor([1, D_FF]), torch.tensor([0])]}, tmp_path / "range.pt")
+    with pytest.raises(ValueError, match=r"layer 0 has index 24 out of range \[0, 24\)"):
+        mg.load_mask(tmp_path / "range.pt")
+    torch.save({**raw, "indices": [torch.tensor([1]), torch.tensor([-1])]}, tmp_path / "neg.pt")
+    with pytest.raises(ValueError, match="out of range"):
+        mg.load_mask(tmp_path / "neg.pt")
+    torch.save({**raw, "indices": [torch.tensor([1, 4, 1]), torch.tensor([0])]}, tmp_path / "dup.pt")
+    with pytest.raises(ValueError, match=r"layer 0 has duplicated indices \[1\]"):
+        mg.load_mask(tmp_path / "dup.pt")
+    torch.save({**raw, "indices": [torch.tensor([0.5]), torch.tensor([0])]}, tmp_path / "float.pt")
+    with pytest.raises(ValueError, match="integer"):
+        mg.load_mask(tmp_path / "float.pt")
+    with pytest.raises(ValueError, match="duplicated"):
+        mg.save_mask(tmp_path / "bad.pt", [torch.tensor([2, 2]), torch.tensor([0])], meta)
+    assert not (tmp_path / "bad.pt").exists()
+
+
+# --------------------------------------------------------------------------- scores vs direct computations
+
+
+def test_activation_matches_direct(model):
+    scores = mg.compute_scores("activation", model, FORGET, None, {})
+    assert scores.shape == (N_LAYERS, D_FF)
+    sums = torch.zeros(N_LAYERS, D_FF, dtype=torch.float64)
+    n = 0
+    mlp_inputs = {}
+    hooks = [layer.mlp.register_forward_hook(lambda mod, args, out, l=l: mlp_inputs.__setitem__(l, args[0]))
+             for l, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            for b in FORGET:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                pos = b["labels"][:, 1:] != -100  # position t predicts answer token t+1
+                n += int(pos.sum())
+                for l, layer in enumerate(model.model.layers):
+                    mlp = layer.mlp
+                    x = mlp_inputs[l]
+                    act = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+                    sums[l] += act[:, :-1][pos].double().sum(0)
+    finally:
+        for h in hooks:
+            h.remove()
+    for l, i in PICKS:
+        w = model.model.layers[l].mlp.down_proj.weight[:, i]
+        expected = abs(sums[l, i].item() / n) * w.norm().item()
+        assert scores[l, i].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_grad_and_wagle_match_direct(model):
+    flags = [p.requires_grad for p in model.parameters()]
+    gd = mg.compute_scores("grad_down", model, FORGET, RETAIN, {})
+    mu = 1e-3  # so that theta matters in the WAGLE product
+    wg = mg.compute_scores("wagle_down", model, FORGET, RETAIN, {"wagle_mu": mu})
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    gf = torch.autograd.grad(summed_nll(model, FORGET), down_weights(model))
+    gr = torch.autograd.grad(summed_nll(model, RETAIN), down_weights(model))
+    for l, i in PICKS:
+        assert gd[l, i].item() == pytest.approx(gf[l][:, i].norm().item(), rel=1e-4)
+        theta = model.model.layers[l].mlp.down_proj.weight[:, i].detach()
+        expected = ((theta - gr[l][:, i] / mu) * gf[l][:, i]).abs().sum().item()
+        assert wg[l, i].item() == pytest.approx(expected, rel=1e-4)
+    # mean reduction: gradients divided by the answer-token count
+    n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in FORGET)
+    gd_mean = mg.compute_scores("grad_down", model, FORGET, None, {"loss_reduction": "mean"})
+    assert torch.allclose(gd_mean, gd / n_tok, rtol=1e-6)
+
+
+def test_corrupt_answers():
+    b = FORGET[0]
+    c = mg.corrupt_answers(b, VOCAB, seed=5, copy=0)
+    changed = c["labels"] != b["labels"]
+    assert not changed[b["labels"] == -100].any()
+    for row in range(2):
+        n_ans = int((b["labels"][row] != -100).sum())
+        assert 0 < int(changed[row].sum()) <= n_ans // 2
+    assert torch.equal(c["labels"].masked_fill(c["labels"] == -100, 0), c["input_ids"].masked_fill(b["labels"] == -100, 0))
+    # an example's corruption does not depend on its batch
+    single = mg.corrupt_answers({k: v[1:] for k, v in b.items()}, VOCAB, seed=5, copy=0)
+    assert torch.equal(single["labels"][0], c["labels"][1])
+    assert not torch.equal(mg.corrupt_answers(b, VOCAB, 5, 1)["labels"], c["labels"])
+    labels_only = mg.corrupt_answers(b, VOCAB, 5, 0, corrupt_inputs=False)
+    assert torch.equal(labels_only["input_ids"], b["input_ids"]) and torch.equal(labels_only["labels"], c["labels"])
+
+
+def test_memflex_statistics_match_direct(model):
+    cfg = {"seed": 11, "memflex_copies": 2}
+    cosine, mag = mg.memflex_statistics(model, FORGET, RETAIN, cfg)
+
+    def mean_grad(batches):
+        total = [torch.zeros_like(w) for w in down_weights(model)]
+        count = 0
+        for b in batches:
+            for copy in range(2):
+                cb = mg.corrupt_answers(b, VOCAB, 11, copy)
+                for row in range(cb["input_ids"].shape[0]):
+                    ex = {k: v[row : row + 1] for k, v in cb.items()}
+                    loss = model(**ex).loss  # HF's own loss: token-mean over this example's answer
+                    for t, g in zip(total, torch.autograd.grad(loss, down_weights(model))):
+                        t += g
+                    count += 1
+        return [t / count for t in total]
+
+    gf, gr = mean_grad(FORGET), mean_grad(RETAIN)
+    for l, i in PICKS:
+        assert cosine[l, i].item() == pytest.approx(F.cosine_similarity(gf[l][:, i], gr[l][:, i], dim=0).item(), abs=1e-5)
+        assert mag[l, i].item() == pytest.approx(gf[l][:, i].abs().mean().item(), rel=1e-4)
+
+
+def test_memflex_budget_and_threshold_rules(model):
+    cosine, mag = mg.memflex_statistics(model, FORGET, RETAIN, {"seed": 1, "memflex_copies": 1})
+    mu = float(cosine.median())  # a threshold that splits this tiny model's vectors
+    cfg = {"seed": 1, "memflex_copies": 1, "memflex_mu": mu}
+    scores = mg.compute_scores("memflex_down", model, FORGET, RETAIN, cfg)
+    passing = [(l, i) for l in range(N_LAYERS) for i in range(D_FF) if cosine[l, i] < mu]
+    failing = [(l, i) for l in range(N_LAYERS) for i in range(D_FF) if cosine[l, i] >= mu]
+    expected = sorted(passing, key=lambda v: -mag[v].item()) + sorted(failing, key=lambda v: cosine[v].item())
+    k = len(passing) + 3
+    sel = mg.select_top(scores, k / (N_LAYERS * D_FF))
+    got = {(l, int(i)) for l, t in enumerate(sel) for i in t}
+    assert got == set(expected[:k])
+    sel_small = mg.select_top(scores, 3 / (N_LAYERS * D_FF))
+    assert {(l, int(i)) for l, t in enumerate(sel_small) for i in t} == set(expected[:3])
+    sigma = float(mag.median())
+    thr = mg.compute_scores("memflex_down", model, FORGET, RETAIN, {**cfg, "memflex_rule": "threshold", "memflex_sigma": sigma})
+    keep = {(l, i) for l, i in passing if mag[l, i] > sigma}
+    sel_thr = mg.select_top(thr, 1.0, finite_only=True)
+    assert {(l, int(i)) for l, t in enumerate(sel_thr) for i in t} == keep
+    assert 0 < len(keep) < N_LAYERS * D_FF
+
+
+def _logp(model, batch, zero_layers=()):
+    pos = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    pos[:, :-1] = batch["labels"][:, 1:] != -100
+
+    def hook(mod, args):
+        return (args[0].masked_fill(pos.unsqueeze(-1), 0.0),)
+
+    hs = [model.model.layers[l].mlp.down_proj.register_forward_pre_hook(hook) for l in zero_layers]
+    try:
+        with torch.no_grad():
+            return -summed_nll(model, [batch]).item()
+    finally:
+        for h in hs:
+            h.remove()
+
+
+def test_ig_completeness(model):
+    """Right Riemann sums with m steps: sum of attributions = F(1) - F(0) + O(1/m); the error halves when m doubles
+    and the Richardson extrapolation 2*A(2m) - A(m) hits F(1) - F(0), per layer ("layer") and over all ("all")."""
+    batch = FORGET[0]
+    n_pos = int((batch["labels"][:, 1:] != -100).sum())
+    full = _logp(model, batch)
+    for mode, groups in (("layer", [[l] for l in range(N_LAYERS)]), ("all", [list(range(N_LAYERS))])):
+        coarse, fine = (mg.ig_token_attributions(model, batch, steps, mode=mode) for steps in (25, 50))
+        assert fine.shape == (N_LAYERS, n_pos, D_FF)
+        for group in groups:
+            delta = full - _logp(model, batch, zero_layers=group)
+            a_m, a_2m = coarse[group].sum().item(), fine[group].sum().item()
+            assert abs(delta) > 0.1
+            assert abs(a_2m - delta) < 0.7 * abs(a_m - delta) + 1e-4
+            assert 2 * a_2m - a_m == pytest.approx(delta, rel=5e-3)
+
+
+def test_ig_two_steps_direct(model):
+    batch = FORGET[1]
+    attr = mg.ig_token_attributions(model, batch, 2, mode="layer")
+    l = 1
+    pos = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    pos[:, :-1] = batch["labels"][:, 1:] != -100
+    mlp_in = {}
+    h = model.model.layers[l].mlp.register_forward_hook(lambda mod, args, out: mlp_in.__setitem__("x", args[0]))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    h.remove()
+    mlp = model.model.layers[l].mlp
+    a = (mlp.act_fn(mlp.gate_proj(mlp_in["x"])) * mlp.up_proj(mlp_in["x"])).detach()
+    grads = []
+    for alpha in (0.5, 1.0):
+        leaf = torch.where(pos.unsqueeze(-1), a * alpha, a).requires_grad_(True)
+        hh = mlp.down_proj.register_forward_pre_hook(lambda mod, args: (leaf,))
+        try:
+            logp = -summed_nll(model, [batch])
+            grads.append(torch.autograd.grad(logp, leaf)[0])
+        finally:
+            hh.remove()
+    expected = (a * (grads[0] + grads[1]) / 2)[pos]
+    assert torch.allclose(attr[l], expected, rtol=1e-4, atol=1e-6)
+    scores = mg.compute_scores("ig_down", model, [batch], None, {"ig_steps": 2})
+    assert torch.allclose(scores[l], expected.abs().double().mean(0), rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("activation", {}),
+    ("grad_down", {}),
+    ("wagle_down", {"wagle_mu": 1e-3}),
+    ("memflex_down", {"seed": 3, "memflex_copies": 2, "memflex_vocab_size": VOCAB}),
+    ("ig_down", {"ig_steps": 3}),
+])
+def test_sharded_statistics_equal_one_pass(model, name, cfg):
+    full = mg.compute_scores(name, model, FORGET, RETAIN, cfg)
+    a = mg.accumulate_statistics(name, model, FORGET[:1], RETAIN[:1], cfg)
+    b = mg.accumulate_statistics(name, model, FORGET[1:], RETAIN[1:], cfg)
+    sharded = mg.finalize_statistics(name, model, mg.merge_statistics(a, b), cfg)
+    assert torch.allclose(sharded, full, rtol=1e-5, atol=1e-9)
+    # rebatching (one example per batch) gives the same statistics too
+    singles = [{k: v[r : r + 1] for k, v in bt.items()} for bt in FORGET for r in range(bt["input_ids"].shape[0])]
+    rebatched = mg.compute_scores(name, model, singles, RETAIN, cfg)
+    assert torch.allclose(rebatched, full, rtol=1e-4, atol=1e-7)
+
+
+class _ToyMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(D_MODEL, D_FF, bias=False)
+        self.up_proj = torch.nn.Linear(D_MODEL, D_FF, bias=False)
+        self.down_proj = torch.nn.Linear(D_FF, D_MODEL, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _ToyLM(torch.nn.Module):
+    """Llama-shaped causal toy in plain torch (model.model.layers[l].mlp): spawned ranks skip importing transformers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = torch.nn.Module()
+        self.model.embed = torch.nn.Embedding(VOCAB, D_MODEL)
+        self.model.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(N_LAYERS))
+        for layer in self.model.layers:
+            layer.mlp = _ToyMLP()
+        self.head = torch.nn.Linear(D_MODEL, VOCAB, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.model.embed(input_ids)
+        for layer in self.model.layers:
+            h = h + layer.mlp(h.cumsum(1) / torch.arange(1, h.shape[1] + 1).view(1, -1, 1))  # causal mixing
+        return type("Out", (), {"logits": self.head(h)})()
+
+
+DIST_METHODS = [("activation", {}), ("wagle_down", {"wagle_mu": 1e-3}), ("memflex_down", {"seed": 3, "memflex_copies": 2, "memflex_vocab_size": VOCAB}),
+                ("ig_down", {"ig_steps": 2})]
+
+
+def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        m = _ToyLM()
+        results = {name: mg.compute_scores(name, m, FORGET[rank::world], RETAIN[rank::world], {**cfg, "progress": False})
+                   for name, cfg in DIST_METHODS}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_gloo_two_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as tmp_mp
+
+    # fork: the ranks inherit the imported modules (spawn would re-import torch in each, ~3x slower here)
+    tmp_mp.start_processes(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                           start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    toy = _ToyLM()
+    for name, cfg in DIST_METHODS:
+        full = mg.compute_scores(name, toy, FORGET, RETAIN, cfg)
+        assert torch.equal(r0[name], r1[name]), name
+        assert torch.allclose(r0[name], full, rtol=1e-5, atol=1e-9), name
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def test_compare_and_cli(tmp_path, capsys):
+    a = [torch.tensor([0, 1, 2]), torch.tensor([5])]
+    b = [torch.tensor([1, 2]), torch.tensor([5, 6])]
+    comp = mg.compare_masks({"a": a, "b": b}, d_ff=10)
+    assert comp["jaccard"]["a"]["b"] == pytest.approx(3 / 5) and comp["jaccard"]["a"]["a"] == 1.0
+    assert comp["per_layer_fraction"]["a"] == [0.3, 0.1]
+    for name, idx in (("a", a), ("b", b)):
+        mg.save_mask(tmp_path / f"{name}.pt", idx, mg.make_meta(name, "global", 0.2, 0, "fam", 2, 10, "f", "t"))
+    out = tmp_path / "out"
+    assert mg.main(["compare", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| a | 4 | 1.000 | 0.600 |" in printed
+    assert (out / "layer_distribution.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out / "compare.json").read_text())
+    assert data["jaccard"]["b"]["a"] == pytest.approx(0.6)
