@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from dataloader import IGNORE_INDEX, token_nll_from_logits
+from models import decoder_layers
 MASK_FORMAT = "loc-unlearn-mask/1"
 
 Batch = Mapping[str, torch.Tensor]
@@ -171,30 +171,10 @@ def _register_two_phase(name: str, accumulate, finalize) -> None:
 # --------------------------------------------------------------------------- model access
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers
-        model = model.module
-    return model
-
-
-def _decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
-    m = _unwrap(model)
-    for path in ("model.layers", "layers", "base_model.model.model.layers", "model.model.layers"):
-        obj: Any = m
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
-            return obj
-    raise ValueError(f"cannot find decoder layers (model.model.layers) in {type(m).__name__}")
-
-
 def mlp_modules(model: nn.Module) -> list[nn.Module]:
     """The ``mlp`` of every decoder layer (each has gate_proj, up_proj, down_proj, act_fn)."""
     mlps = []
-    for i, layer in enumerate(_decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
         if mlp is None or not isinstance(getattr(mlp, "down_proj", None), nn.Linear):
             raise ValueError(f"layer {i} has no mlp.down_proj Linear; only Llama/OLMo-2 style MLPs are supported")
@@ -227,15 +207,6 @@ def _to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 
 def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-
-
-def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL (B, T-1) in float32, zero off-answer, and the answer mask; logits[:, t] predicts labels[:, t+1]."""
-    targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    lg = logits[:, :-1].float()
-    nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.view(targets.shape) * valid, valid
 
 
 def _prediction_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -414,7 +385,7 @@ def _grad_sum(model: nn.Module, batches: Iterable[Batch], desc: str, cfg: Mappin
 
 
 def _summed_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    nll, valid = _token_nll(_logits(model, batch), batch["labels"])
+    nll, valid = token_nll_from_logits(_logits(model, batch), batch["labels"])
     return nll.sum(), valid.sum().double()
 
 
@@ -501,7 +472,7 @@ def corrupt_answers(batch: Batch, vocab_size: int, seed: int, copy: int, corrupt
 def _memflex_vocab(model: nn.Module, cfg: Mapping[str, Any]) -> int:
     if cfg.get("memflex_vocab_size") is not None:
         return _cfg_int(cfg, "memflex_vocab_size")
-    return int(_unwrap(model).get_input_embeddings().weight.shape[0])
+    return int(model.get_input_embeddings().weight.shape[0])
 
 
 def _memflex_loss_fn(cfg: Mapping[str, Any], vocab: int):
@@ -516,7 +487,7 @@ def _memflex_loss_fn(cfg: Mapping[str, Any], vocab: int):
         count = torch.zeros((), dtype=torch.float64, device=batch["input_ids"].device)
         for c in range(copies):
             cb = corrupt_answers(batch, vocab, seed, c, corrupt_inputs)
-            nll, valid = _token_nll(_logits(model, cb), cb["labels"])
+            nll, valid = token_nll_from_logits(_logits(model, cb), cb["labels"])
             n = valid.sum(dim=1)
             has = n > 0
             per_example = nll.sum(dim=1)[has] / n[has]  # token-mean NLL of each example
@@ -628,7 +599,7 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
                     return hook
 
                 with torch.enable_grad(), _pre_hooks(downs, scale):
-                    nll, _ = _token_nll(_logits(model, b), b["labels"])
+                    nll, _ = token_nll_from_logits(_logits(model, b), b["labels"])
                     grads = torch.autograd.grad(-nll.sum(), [zs[layer] for layer in group])
                 for layer, g in zip(group, grads):
                     gsum[layer] += g.float()

@@ -133,3 +133,8 @@ def run_main(main_fn) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def shard(n: int) -> list[int]:
+    """This rank's share of n items, strided and without padding (sums over ranks count every item once)."""
+    return list(range(rank(), n, world_size()))

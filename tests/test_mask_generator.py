@@ -3,18 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-torch.set_num_threads(1)
-# The module lives at the repo root; make it importable however pytest is launched.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import mask_generator as mg  # noqa: E402
+import mask_generator as mg
 
 N_LAYERS, D_MODEL, D_FF, VOCAB = 2, 16, 24, 50
 PROMPT = 4

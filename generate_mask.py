@@ -1,0 +1,95 @@
+"""Score every MLP value vector with an attribution method and save the top `ratio` as a mask file.
+
+    python generate_mask.py attribution=activation data_path=../shared/data/tofu model_path=<checkpoint>
+    torchrun --nproc_per_node=2 generate_mask.py --config-name get_mask_tofu attribution=wagle_down ...
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
+
+from dataloader import QADataset, load_tofu
+from mask_generator import (ATTRIBUTIONS, compute_scores, load_mask, make_meta, mask_path, model_shape,
+                            random_complement, save_mask, select_top)
+from models import family_config, load_model, load_tokenizer, resolve_model_path
+from runtime import (ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything,
+                     setup_logging, shard)
+from unlearn import RETAIN_OF
+
+log = logging.getLogger("loc_unlearn")
+VARIANTS = ("normal", "random_complement")
+
+
+def validate(c: dict[str, Any]) -> None:
+    if c["attribution"] not in ATTRIBUTIONS:
+        raise ConfigError(f"unknown attribution={c['attribution']!r}; expected one of {sorted(ATTRIBUTIONS)}")
+    if c["variant"] not in VARIANTS:
+        raise ConfigError(f"unknown variant={c['variant']!r}; expected one of {list(VARIANTS)}")
+    ratio = c["ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ConfigError(f"ratio={ratio!r} must be a number in (0, 1]")
+    if c["variant"] == "random_complement" and not c["target_mask_path"]:
+        raise ConfigError("variant=random_complement needs target_mask_path=<mask to stay outside of>")
+    if c["target_mask_path"] and not Path(c["target_mask_path"]).is_file():
+        raise ConfigError(f"target_mask_path={c['target_mask_path']} does not exist")
+
+
+def sharded_loader(dataset: QADataset, batch_size: int) -> DataLoader:
+    return DataLoader(Subset(dataset, shard(len(dataset))), batch_size=batch_size, collate_fn=dataset.collate)
+
+
+def generate(cfg: DictConfig) -> None:
+    _, _, device = init_distributed()
+    setup_logging()
+    c = OmegaConf.to_container(cfg, resolve=True)
+    validate(c)
+    seed_everything(c["seed"])
+    family = family_config(c["model_family"])
+    c["max_length"] = c["max_length"] or family["max_length"]
+    c["retain_split"] = c["retain_split"] or RETAIN_OF.get(c["forget_split"], "retain90")
+    out = Path(mask_path(c["mask_root"], c["attribution"], c["model_family"], c["forget_split"], c["variant"],
+                         c["ratio"], c["seed"]))
+    check_writable(out.parent)
+    if out.exists() and not c["overwrite"]:
+        log.info("mask exists, nothing to do (overwrite=true to redo): %s", out)
+        return
+
+    model_path = resolve_model_path(c["model_family"], c["model_path"], c["data_path"])
+    model = load_model(model_path, device)
+    n_layers, d_ff = model_shape(model)
+    if c["variant"] == "random_complement":
+        target, _ = load_mask(c["target_mask_path"], n_layers, d_ff)
+        indices = random_complement(target, d_ff, n_layers, sum(len(t) for t in target), c["seed"])
+    else:
+        tokenizer = load_tokenizer(c["model_family"], model_path)
+        forget_rows = load_tofu(c["forget_split"], c["data_path"])
+        retain_rows = load_tofu(c["retain_split"], c["data_path"])
+        picked = sorted(random.Random(c["seed"]).sample(range(len(retain_rows)), min(c["retain_subset"], len(retain_rows))))
+        make = lambda rows: QADataset.from_rows(rows, tokenizer, family, c["max_length"])  # noqa: E731
+        forget, retain = make(forget_rows), make([retain_rows[i] for i in picked])
+        log.info("scoring %d x %d value vectors with %s on %d %s + %d %s examples", n_layers, d_ff,
+                 c["attribution"], len(forget), c["forget_split"], len(retain), c["retain_split"])
+        scores = compute_scores(c["attribution"], model, sharded_loader(forget, c["batch_size"]),
+                                sharded_loader(retain, c["batch_size"]), c)
+        threshold_rule = c["attribution"] == "memflex_down" and c["memflex_rule"] == "threshold"
+        indices = select_top(scores, c["ratio"], per_layer=c["per_layer"], finite_only=threshold_rule)
+    if is_main():
+        meta = make_meta(c["attribution"], c["variant"], c["ratio"], c["seed"], c["model_family"], n_layers, d_ff,
+                         c["forget_split"], c["data_path"] or "hub", config={**c, "resolved_model_path": model_path})
+        save_mask(out, indices, meta)
+        log.info("saved mask of %d value vectors to %s", sum(len(i) for i in indices), out)
+
+
+@hydra.main(version_base=None, config_path="config", config_name="get_mask_tofu")
+def main(cfg: DictConfig) -> None:
+    run_main(lambda: generate(cfg))
+
+
+if __name__ == "__main__":
+    main()
