@@ -64,7 +64,10 @@ def generate(cfg: DictConfig) -> None:
     model = load_model(model_path, device)
     n_layers, d_ff = model_shape(model)
     if c["variant"] == "random_complement":
-        target, _ = load_mask(c["target_mask_path"], n_layers, d_ff)
+        try:
+            target, _ = load_mask(c["target_mask_path"], n_layers, d_ff)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         indices = random_complement(target, d_ff, n_layers, sum(len(t) for t in target), c["seed"])
     else:
         tokenizer = load_tokenizer(c["model_family"], model_path)

@@ -110,7 +110,10 @@ def unlearn(cfg: DictConfig) -> None:
     if c["mask_path"]:
         from mask_generator import load_mask, model_shape
 
-        indices, meta = load_mask(c["mask_path"], *model_shape(model))
+        try:
+            indices, meta = load_mask(c["mask_path"], *model_shape(model))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         trainable = apply_value_vector_mask(model, indices)
         log.info("mask %s: %d value vectors (%s) trainable", c["mask_path"], sum(len(i) for i in indices),
                  meta.get("method"))
