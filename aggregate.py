@@ -1,0 +1,367 @@
+"""Trade-off aggregation of unlearning runs: AUES and MU95 of each run's evaluated trajectory (theta_o, then its
+checkpoints in step order), trade-off plots, and seed-paired comparisons of groups of runs. See docs/metrics.md.
+
+    python aggregate.py runs --theta-o MODEL_DIR --retain-eval RETAIN.json --out OUT RUN_DIR [RUN_DIR ...]
+    python aggregate.py compare --group oracle OUT_A/runs.json --group random OUT_B/runs.json --out cmp.json
+    python aggregate.py methods --group activation A/runs.json --group wagle W/runs.json --group random R/runs.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import metrics as M
+from runtime import ConfigError, atomic_path, run_main, write_json
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+THETA_O = "theta_o"
+RUN_CONFIG = "run_config.json"
+CSV_FIELDS = ("name", "run_dir", "seed", "aues", "mu95", "chosen_checkpoint", "final_fs", "final_rs", "final_mu",
+              "final_fq", "final_log10fq", "n_checkpoints")
+RS_FS_PLOT = "rs_fs.png"
+MU_FQ_PLOT = "mu_fq.png"
+
+Trajectory = list[tuple[str, int, dict[str, Any]]]
+
+
+def eval_path(model_dir: str | os.PathLike, forget_split: str) -> Path:
+    """Where eval_tofu.py writes a model's results."""
+    return Path(model_dir) / "eval_results" / f"eval_{forget_split}.json"
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The run's checkpoint-<step> directories, by step as a number (checkpoint-10 after checkpoint-9)."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
+def _summary(path: Path, missing_hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: {missing_hint}")
+    return json.loads(path.read_text())["summary"]
+
+
+def load_trajectory(run_dir: str | os.PathLike, theta_o_dir: str | os.PathLike,
+                    forget_split: str = "forget10") -> Trajectory:
+    """(label, step, eval summary) of theta_o (step 0) and then of every checkpoint of the run, in step order."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    checkpoints = checkpoint_dirs(run_dir)
+    if not checkpoints:
+        raise ConfigError(f"{run_dir} has no checkpoint-<step> directories; expected an unlearning run directory")
+    trajectory = [(THETA_O, 0, _summary(eval_path(theta_o_dir, forget_split),
+                                        f"theta_o ({theta_o_dir}) has not been evaluated on {forget_split}"))]
+    for step, path in checkpoints:
+        # scripts/eval.sh evaluates every checkpoint before aggregating, so a gap is a failed or interrupted eval.
+        hint = f"checkpoint {path} has no evaluation on {forget_split}; rerun scripts/eval.sh to evaluate it"
+        trajectory.append((path.name, step, _summary(eval_path(path, forget_split), hint)))
+    return trajectory
+
+
+def run_seed(run_dir: str | os.PathLike) -> int | None:
+    """The `seed` in the run's newest checkpoint's run_config.json (written by unlearn.py), or None."""
+    for _, path in reversed(checkpoint_dirs(run_dir)):
+        if (path / RUN_CONFIG).is_file():
+            return json.loads((path / RUN_CONFIG).read_text()).get("seed")
+    return None
+
+
+def _column(trajectory: Trajectory, key: str, why: str) -> np.ndarray:
+    values = [summary.get(key) for _, _, summary in trajectory]
+    missing = [label for (label, _, _), value in zip(trajectory, values) if value is None]
+    if missing:
+        raise ConfigError(f"{key} is missing for {', '.join(missing)}: {why}")
+    return np.array(values, dtype=float)
+
+
+def score_run(trajectory: Trajectory, aues_method: str = "front", mu_threshold: float = 0.95) -> dict[str, Any]:
+    """AUES and MU95 of a trajectory from load_trajectory, the model MU95 picks, and the final checkpoint's numbers.
+
+    The chosen checkpoint is the model whose log10 FQ is the MU95 value (the earliest one on a tie; theta_o when no
+    checkpoint beats it). n_checkpoints does not count theta_o.
+    """
+    rs = _column(trajectory, "retain_strength", "AUES needs the evaluations to include the retain split")
+    fs = _column(trajectory, "forget_strength", "AUES needs the evaluations to include the forget split")
+    mu = _column(trajectory, "model_utility", "MU95 needs the retain, real_authors and world_facts splits")
+    log10_fq = _column(trajectory, "log10_forget_quality", "MU95 needs forget quality for every model; give "
+                       "retain_result=<the retain model's eval JSON> to the evals (scripts/eval.sh does)")
+    mu95 = M.mu95(mu, log10_fq, theta_o_index=0, threshold=mu_threshold)
+    # The same qualifying set as metrics.mu95, to name the model that attains it.
+    qualifies = mu >= mu_threshold * mu[0]
+    qualifies[0] = True
+    chosen = int(np.flatnonzero(qualifies & (log10_fq == mu95))[0])
+    final_label, _, final = trajectory[-1]
+    return {
+        "aues": M.aues(rs, fs, method=aues_method),
+        "aues_method": aues_method,
+        "mu95": mu95,
+        "mu_threshold": mu_threshold,
+        "chosen_checkpoint": trajectory[chosen][0],
+        "chosen_step": trajectory[chosen][1],
+        "final_checkpoint": final_label,
+        "final_fs": final["forget_strength"],
+        "final_rs": final["retain_strength"],
+        "final_mu": final["model_utility"],
+        "final_fq": final["forget_quality"],
+        "final_log10fq": final["log10_forget_quality"],
+        "n_checkpoints": len(trajectory) - 1,
+        "trajectory": [{"label": label, "step": step, "rs": r, "fs": f, "mu": u, "log10_fq": q}
+                       for (label, step, _), r, f, u, q in zip(trajectory, rs, fs, mu, log10_fq)],
+    }
+
+
+def default_names(run_dirs: Sequence[str]) -> list[str]:
+    """Short run names for tables and legends: the path components in which the runs differ."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    if len(parts) == 1:
+        return [parts[0][-1]]
+    shortest = min(map(len, parts))
+    lead = 0
+    while lead < shortest - 1 and len({p[lead] for p in parts}) == 1:
+        lead += 1
+    trail = 0
+    # Leave every name at least one component, also when one run directory nests inside another.
+    while lead + trail < shortest - 1 and len({p[-1 - trail] for p in parts}) == 1:
+        trail += 1
+    return ["/".join(p[lead:len(p) - trail]) for p in parts]
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def plot_runs(records: Sequence[dict[str, Any]], retain_summary: dict[str, Any], out: Path) -> None:
+    """RS vs FS and MU vs log10 FQ, one line per run starting at theta_o (a black star)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    theta_o = records[0]["trajectory"][0]
+    threshold = records[0]["mu_threshold"]
+    for name, x, y, xlabel, ylabel in ((RS_FS_PLOT, "rs", "fs", "Retain Strength (RS)", "Forget Strength (FS)"),
+                                       (MU_FQ_PLOT, "mu", "log10_fq", "Model Utility (MU)", "log10 Forget Quality")):
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for record in records:
+            points = record["trajectory"]
+            ax.plot([p[x] for p in points], [p[y] for p in points], marker="o", ms=3, label=record["name"])
+        ax.plot(theta_o[x], theta_o[y], "k*", ms=14, zorder=5, label="θ_o")
+        if name == MU_FQ_PLOT:
+            ax.axvline(threshold * theta_o["mu"], color="gray", ls="--", label=f"{threshold:.0%} of θ_o's MU")
+            retain_mu, retain_fq = retain_summary.get("model_utility"), retain_summary.get("log10_forget_quality")
+            if retain_mu is not None and retain_fq is not None:
+                ax.plot(retain_mu, retain_fq, "rD", ms=8, zorder=5, label="retain model")
+            elif retain_mu is not None:
+                ax.axvline(retain_mu, color="red", ls=":", label="retain model's MU")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=150)
+        plt.close(fig)
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    names = args.names or default_names(args.run_dirs)
+    if len(names) != len(args.run_dirs):
+        raise ConfigError(f"--names gives {len(names)} names for {len(args.run_dirs)} run directories")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"run names must be distinct, got {names}")
+    if not Path(args.retain_eval).is_file():
+        raise ConfigError(f"--retain-eval {args.retain_eval} does not exist; expected the retain model's eval JSON")
+    retain = json.loads(Path(args.retain_eval).read_text())
+    if retain.get("config", {}).get("forget_split", args.forget_split) != args.forget_split:
+        raise ConfigError(f"--retain-eval {args.retain_eval} evaluates {retain['config']['forget_split']}, "
+                          f"not --forget-split {args.forget_split}")
+    records = [{"name": name, "run_dir": str(run_dir), "seed": run_seed(run_dir),
+                **score_run(load_trajectory(run_dir, args.theta_o, args.forget_split), args.aues, args.mu_threshold)}
+               for name, run_dir in zip(names, args.run_dirs)]
+    out = Path(args.out)
+    write_json(out / "runs.json", {"forget_split": args.forget_split, "theta_o": str(args.theta_o),
+                                   "retain_eval": str(args.retain_eval), "retain_summary": retain["summary"],
+                                   "runs": records})
+    write_csv(out / "runs.csv", records)
+    plot_runs(records, retain["summary"], out)
+    print(_markdown(["run", "AUES", "MU95", "chosen", "final FS", "final RS", "final MU", "final log10 FQ", "ckpts"],
+                    [[r["name"], _fmt(r["aues"]), _fmt(r["mu95"]), r["chosen_checkpoint"], _fmt(r["final_fs"]),
+                      _fmt(r["final_rs"]), _fmt(r["final_mu"]), _fmt(r["final_log10fq"]), str(r["n_checkpoints"])]
+                     for r in records]))
+    print(f"\nwrote {out / 'runs.json'}, {out / 'runs.csv'}, {out / RS_FS_PLOT}, {out / MU_FQ_PLOT}")
+
+
+def load_group(paths: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The scored runs of one group: from runs.json files, `runs --out` directories, or run directories."""
+    records = []
+    for path in map(Path, paths):
+        if path.is_dir() and not (path / "runs.json").is_file():
+            if args.theta_o is None:
+                raise ConfigError(f"{path} is a run directory; scoring it needs --theta-o")
+            score = score_run(load_trajectory(path, args.theta_o, args.forget_split), args.aues, args.mu_threshold)
+            records.append({"name": str(path), "run_dir": str(path), "seed": run_seed(path), **score})
+        elif path.is_dir() or path.is_file():
+            records += json.loads((path / "runs.json" if path.is_dir() else path).read_text())["runs"]
+        else:
+            raise ConfigError(f"{path} does not exist; expected a runs.json, a `runs --out` directory or a run directory")
+    return records
+
+
+def load_groups(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name, *paths in args.group:
+        if not paths or name in groups:
+            raise ConfigError(f"--group {name}: each group needs a new name followed by at least one path")
+        groups[name] = load_group(paths, args)
+    # Scores computed with different AUES methods or MU thresholds are not comparable.
+    settings = {(r["aues_method"], r["mu_threshold"]) for runs in groups.values() for r in runs}
+    if len(settings) > 1:
+        raise ConfigError(f"the runs were scored with different (AUES method, MU threshold): {sorted(settings)}")
+    return groups
+
+
+def pair_runs(a: list[dict[str, Any]], b: list[dict[str, Any]], by_position: bool
+              ) -> tuple[str, list[tuple[Any, dict[str, Any], dict[str, Any]]]]:
+    """("seed" | "position", [(seed or index, run of a, run of b)]): by seed when every run has one, else by order."""
+    seeds_a, seeds_b = [r.get("seed") for r in a], [r.get("seed") for r in b]
+    if not by_position and None not in seeds_a + seeds_b:
+        for seeds, runs in ((seeds_a, a), (seeds_b, b)):
+            if len(set(seeds)) != len(seeds):
+                raise ConfigError(f"seeds {seeds} repeat within a group ({runs[0]['name']}, ...), so pairing by seed "
+                                  f"is ambiguous; pass --pairing position to pair by the order given")
+        if set(seeds_a) != set(seeds_b):
+            raise ConfigError(f"the groups' seeds differ: {sorted(seeds_a)} vs {sorted(seeds_b)}")
+        by_a, by_b = dict(zip(seeds_a, a)), dict(zip(seeds_b, b))
+        return "seed", [(s, by_a[s], by_b[s]) for s in sorted(seeds_a)]
+    if len(a) != len(b):
+        raise ConfigError(f"pairing by position needs groups of one size, got {len(a)} and {len(b)} runs")
+    return "position", [(i, ra, rb) for i, (ra, rb) in enumerate(zip(a, b))]
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    groups = load_groups(args)
+    if len(groups) != 2:
+        raise ConfigError(f"compare takes exactly two --group options, got {len(groups)}")
+    (name_a, a), (name_b, b) = groups.items()
+    pairing, pairs = pair_runs(a, b, args.pairing == "position")
+    stats = {key: M.compare_groups([ra[key] for _, ra, _ in pairs], [rb[key] for _, _, rb in pairs])
+             for key in ("aues", "mu95")}
+    result = {"groups": [name_a, name_b], "pairing": pairing, "aues_method": a[0]["aues_method"],
+              "mu_threshold": a[0]["mu_threshold"],
+              "pairs": [{"pair": key, "a": ra["run_dir"], "b": rb["run_dir"]} for key, ra, rb in pairs],
+              **stats}
+    print(_markdown(["", name_a, name_b, "|Δ|", "p"],
+                    [[label, _pm(s["mean_a"], s["std_a"]), _pm(s["mean_b"], s["std_b"]),
+                      _pm(s["abs_delta_mean"], s["abs_delta_std"]), f"{s['p_value']:.3f}"]
+                     for label, s in (("AUES", stats["aues"]), ("MU95", stats["mu95"]))]))
+    print(f"\n{len(pairs)} pairs by {pairing}; p: exact paired permutation test")
+    if args.out:
+        write_json(args.out, result)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    # Sample std (ddof=1, 0 for one run), as metrics.compare_groups reports it.
+    x = np.asarray(values, dtype=float)
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    result = {}
+    for name, runs in load_groups(args).items():
+        aues_mean, aues_std = _mean_std([r["aues"] for r in runs])
+        mu95_mean, mu95_std = _mean_std([r["mu95"] for r in runs])
+        result[name] = {"n": len(runs), "aues_mean": aues_mean, "aues_std": aues_std, "mu95_mean": mu95_mean,
+                        "mu95_std": mu95_std, "run_dirs": [r["run_dir"] for r in runs]}
+    print(_markdown(["method", "AUES", "MU95", "n"],
+                    [[name, _pm(g["aues_mean"], g["aues_std"]), _pm(g["mu95_mean"], g["mu95_std"]), str(g["n"])]
+                     for name, g in result.items()]))
+    if args.out:
+        write_json(args.out, result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    scoring = argparse.ArgumentParser(add_help=False)
+    scoring.add_argument("--forget-split", default="forget10", help="the evaluations to read (default: forget10)")
+    scoring.add_argument("--aues", choices=("front", "trapezoid"), default="front",
+                         help="AUES variant (docs/metrics.md; default: front)")
+    scoring.add_argument("--mu-threshold", type=float, default=0.95,
+                         help="MU95 keeps models with MU >= this x MU(theta_o) (default: 0.95)")
+
+    runs = commands.add_parser(
+        "runs", parents=[scoring],
+        help="score evaluated runs; write runs.json, runs.csv and two plots",
+        description="Score each run's trajectory (theta_o, then its checkpoint-<step> directories in step order, read "
+                    "from <model>/eval_results/eval_<split>.json) and write OUT/runs.json, OUT/runs.csv, "
+                    f"OUT/{RS_FS_PLOT} and OUT/{MU_FQ_PLOT}.",
+        epilog="example: aggregate.py runs --theta-o models/init --retain-eval models/retain/eval_results/"
+               "eval_forget10.json --out results/gd runs/a runs/b --names oracle random")
+    runs.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="unlearning run directories")
+    runs.add_argument("--theta-o", required=True, metavar="DIR", help="the model before unlearning (evaluated)")
+    runs.add_argument("--retain-eval", required=True, metavar="JSON", help="the retain model's eval JSON (plotted)")
+    runs.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    runs.add_argument("--names", nargs="+", metavar="NAME",
+                      help="one name per run, given after the run directories (default: the path parts that differ)")
+    runs.set_defaults(func=cmd_runs)
+
+    group_help = ("NAME PATH [PATH ...]: a group of runs, repeatable. A PATH is a runs.json from `runs`, a `runs --out` "
+                  "directory (all its runs belong to the group), or a run directory (scored now with --theta-o, "
+                  "--forget-split, --aues and --mu-threshold).")
+    compare = commands.add_parser(
+        "compare", parents=[scoring],
+        help="seed-paired comparison of two groups (mean ± std, |Δ|, permutation p)",
+        description="Compare the AUES and MU95 of two groups of runs, paired by seed: the `seed` in each run's "
+                    f"{RUN_CONFIG} when every run has one (the sets of seeds must match), else by the order the runs "
+                    "are given (within a runs.json: its order). |Δ| is the mean over pairs of |a - b|; p is the exact "
+                    "paired permutation test (metrics.compare_groups).",
+        epilog="example: aggregate.py compare --group oracle results/oracle --group random results/random --out cmp.json")
+    methods = commands.add_parser(
+        "methods", parents=[scoring],
+        help="AUES and MU95 (mean ± std over runs) per group",
+        description="One row per group (e.g. an attribution method): AUES and MU95, mean ± sample std over its runs.",
+        epilog="example: aggregate.py methods --group activation results/act --group memflex results/mf "
+               "--group wagle results/wagle --group random results/random --out methods.json")
+    for sub, func in ((compare, cmd_compare), (methods, cmd_methods)):
+        sub.add_argument("--group", action="append", nargs="+", required=True, metavar="NAME_OR_PATH", help=group_help)
+        sub.add_argument("--theta-o", metavar="DIR", help="theta_o, for groups given as run directories")
+        sub.add_argument("--out", metavar="FILE.json", help="also write the table's numbers here")
+        sub.set_defaults(func=func)
+    compare.add_argument("--pairing", choices=("auto", "position"), default="auto",
+                         help="auto: by seed when every run has one, else by position (default: auto)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

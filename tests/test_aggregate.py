@@ -1,0 +1,241 @@
+"""aggregate.py and scripts/eval.sh on hand-made eval JSONs: every expected number is worked out beside it."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from math import sqrt
+from pathlib import Path
+
+import pytest
+
+import aggregate as A
+from conftest import ROOT
+from runtime import ConfigError
+
+SPLIT = "forget10"
+# (label, RS, FS, MU, log10 FQ). Steps 5, 9, 10 so that string order (10, 5, 9) differs from step order.
+POINTS = [("theta_o", 0.9, 0.1, 0.60, -10.0), ("checkpoint-5", 0.8, 0.5, 0.58, -5.0),
+          ("checkpoint-9", 0.5, 0.7, 0.56, -2.0), ("checkpoint-10", 0.2, 0.95, 0.40, -1.0)]
+
+
+def summary(rs: float, fs: float, mu: float, log10_fq: float | None) -> dict:
+    return {"retain_strength": rs, "forget_strength": fs, "model_utility": mu,
+            "log10_forget_quality": log10_fq, "forget_quality": None if log10_fq is None else 10.0 ** log10_fq}
+
+
+def write_eval(model_dir: Path, summ: dict, retain_result: str | None = None) -> None:
+    path = A.eval_path(model_dir, SPLIT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": {"forget_split": SPLIT, "retain_result": retain_result},
+                                "per_sample": {}, "summary": summ}))
+
+
+def make_run(root: Path, name: str, points=POINTS, seed: int | None = None) -> tuple[Path, Path]:
+    """(run_dir, theta_o_dir) with every model evaluated; theta_o is shared by the runs under one root."""
+    theta_o, run = root / "theta_o", root / name
+    for label, rs, fs, mu, fq in points:
+        model = theta_o if label == "theta_o" else run / label
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "trainer_state.json").write_text("{}")
+        if seed is not None:
+            (model / "run_config.json").write_text(json.dumps({"seed": seed}))
+        write_eval(model, summary(rs, fs, mu, fq))
+    return run, theta_o
+
+
+def test_trajectory_is_theta_o_then_checkpoints_in_numeric_step_order(tmp_path):
+    run, theta_o = make_run(tmp_path, "run")
+    (run / ".checkpoint-11.abc.tmp").mkdir()  # an unfinished save is not a checkpoint
+    trajectory = A.load_trajectory(run, theta_o, SPLIT)
+    assert [(label, step) for label, step, _ in trajectory] == [
+        ("theta_o", 0), ("checkpoint-5", 5), ("checkpoint-9", 9), ("checkpoint-10", 10)]
+    assert trajectory[3][2]["forget_strength"] == 0.95
+
+
+def test_score_run_front_trapezoid_and_mu95_by_hand(tmp_path):
+    run, theta_o = make_run(tmp_path, "run")
+    trajectory = A.load_trajectory(run, theta_o, SPLIT)
+    score = A.score_run(trajectory)
+    # Front: RS descending 0.9, 0.8, 0.5, 0.2 with best FS so far 0.1, 0.5, 0.7, 0.95 and widths 0.1, 0.3, 0.3, 0.2:
+    # 0.01 + 0.15 + 0.21 + 0.19 = 0.56.
+    assert score["aues"] == pytest.approx(0.56)
+    # MU >= 0.95 * 0.60 = 0.57: theta_o and checkpoint-5 (0.58); checkpoint-9 (0.56) is out. max(-10, -5) = -5.
+    assert score["mu95"] == -5.0
+    assert (score["chosen_checkpoint"], score["chosen_step"]) == ("checkpoint-5", 5)
+    assert score["final_checkpoint"] == "checkpoint-10"
+    assert (score["final_fs"], score["final_rs"], score["final_mu"], score["final_log10fq"]) == (0.95, 0.2, 0.40, -1.0)
+    assert score["final_fq"] == pytest.approx(0.1)
+    assert score["n_checkpoints"] == 3
+    # Trapezoid: flat 0.2 * 0.95 = 0.19, then (0.95+0.7)/2*0.3 + (0.7+0.5)/2*0.3 + (0.5+0.1)/2*0.1 = 0.4575; 0.6475.
+    assert A.score_run(trajectory, aues_method="trapezoid")["aues"] == pytest.approx(0.6475)
+    # MU >= 0.9 * 0.60 = 0.54 lets checkpoint-9 in: max(-10, -5, -2) = -2.
+    lower = A.score_run(trajectory, mu_threshold=0.9)
+    assert (lower["mu95"], lower["chosen_checkpoint"]) == (-2.0, "checkpoint-9")
+
+
+def test_theta_o_is_chosen_when_no_checkpoint_beats_it(tmp_path):
+    points = [(label, rs, fs, mu, -20.0 if label != "theta_o" else -3.0) for label, rs, fs, mu, _ in POINTS]
+    run, theta_o = make_run(tmp_path, "run", points)
+    score = A.score_run(A.load_trajectory(run, theta_o, SPLIT))
+    assert (score["mu95"], score["chosen_checkpoint"], score["chosen_step"]) == (-3.0, "theta_o", 0)
+
+
+def test_missing_eval_names_the_checkpoint(tmp_path):
+    run, theta_o = make_run(tmp_path, "run")
+    A.eval_path(run / "checkpoint-9", SPLIT).unlink()
+    with pytest.raises(ConfigError, match=r"checkpoint-9 has no evaluation.*scripts/eval\.sh"):
+        A.load_trajectory(run, theta_o, SPLIT)
+    with pytest.raises(ConfigError, match="no checkpoint-<step>"):
+        A.load_trajectory(theta_o, theta_o, SPLIT)
+
+
+def test_missing_forget_quality_asks_for_retain_result(tmp_path):
+    run, theta_o = make_run(tmp_path, "run")
+    write_eval(run / "checkpoint-5", summary(0.8, 0.5, 0.58, None))
+    with pytest.raises(ConfigError, match=r"log10_forget_quality is missing for checkpoint-5.*retain_result"):
+        A.score_run(A.load_trajectory(run, theta_o, SPLIT))
+
+
+def test_runs_cli_writes_json_csv_and_plots(tmp_path, capsys):
+    run_a, theta_o = make_run(tmp_path / "runs", "masked_oracle/lr_1e-05", seed=1)
+    # The runs share theta_o; their checkpoints' FS differ by +0.05.
+    shifted = POINTS[:1] + [(label, rs, min(fs + 0.05, 1.0), mu, fq) for label, rs, fs, mu, fq in POINTS[1:]]
+    run_b, _ = make_run(tmp_path / "runs", "masked_random/lr_1e-05", shifted, seed=1)
+    write_eval(tmp_path / "retain", summary(0.5, 0.9, 0.59, None))
+    out = tmp_path / "out"
+    A.main(["runs", "--theta-o", str(theta_o), "--retain-eval", str(A.eval_path(tmp_path / "retain", SPLIT)),
+            "--out", str(out), str(run_a), str(run_b)])
+    data = json.loads((out / "runs.json").read_text())
+    assert [r["name"] for r in data["runs"]] == ["masked_oracle", "masked_random"]  # the differing path part
+    assert data["runs"][0]["aues"] == pytest.approx(0.56) and data["runs"][0]["seed"] == 1
+    # Front with best FS 0.1, 0.55, 0.75, 1.0: 0.01 + 0.165 + 0.225 + 0.2 = 0.6.
+    assert data["runs"][1]["aues"] == pytest.approx(0.6)
+    assert [p["label"] for p in data["runs"][0]["trajectory"]] == [p[0] for p in POINTS]
+    with open(out / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(A.CSV_FIELDS)
+    assert [(r["name"], r["chosen_checkpoint"], r["n_checkpoints"]) for r in rows] == [
+        ("masked_oracle", "checkpoint-5", "3"), ("masked_random", "checkpoint-5", "3")]
+    for plot in (A.RS_FS_PLOT, A.MU_FQ_PLOT):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+    assert "| masked_oracle | 0.560 | -5.000 | checkpoint-5 |" in capsys.readouterr().out
+
+    A.main(["runs", "--theta-o", str(theta_o), "--retain-eval", str(A.eval_path(tmp_path / "retain", SPLIT)),
+            "--out", str(out), str(run_a), "--names", "gd-oracle", "--aues", "trapezoid"])
+    (record,) = json.loads((out / "runs.json").read_text())["runs"]
+    assert (record["name"], record["aues_method"]) == ("gd-oracle", "trapezoid")
+    assert record["aues"] == pytest.approx(0.6475)
+
+
+def write_runs_json(path: Path, runs: list[tuple[int | None, float, float]]) -> None:
+    records = [{"name": f"{path.stem}-{i}", "run_dir": f"{path.stem}/{i}", "seed": seed, "aues": aues, "mu95": mu95,
+                "aues_method": "front", "mu_threshold": 0.95} for i, (seed, aues, mu95) in enumerate(runs)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": records}))
+
+
+def test_compare_cli_pairs_by_seed(tmp_path, capsys):
+    write_runs_json(tmp_path / "oracle" / "runs.json", [(1, 0.5, -5.0), (2, 0.6, -4.0), (3, 0.7, -3.0)])
+    # Given in seed order 3, 1, 2: pairing by seed must line them up as seed 1: 0.4, seed 2: 0.4, seed 3: 0.5.
+    write_runs_json(tmp_path / "random.json", [(3, 0.5, -7.0), (1, 0.4, -5.0), (2, 0.4, -6.0)])
+    out = tmp_path / "cmp.json"
+    A.main(["compare", "--group", "oracle", str(tmp_path / "oracle"), "--group", "random", str(tmp_path / "random.json"),
+            "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["pairing"] == "seed" and [p["pair"] for p in result["pairs"]] == [1, 2, 3]
+    aues, mu95 = result["aues"], result["mu95"]
+    # AUES: a = .5, .6, .7 (mean .6, std .1); b = .4, .4, .5 (mean 13/30, std sqrt(1/300));
+    # |a - b| = .1, .2, .2 (mean 1/6, std sqrt(1/300)); all differences positive, so only the observed sign
+    # assignment and its flip reach |mean| = 1/6: p = 2/8.
+    assert aues["n"] == 3
+    assert (aues["mean_a"], aues["std_a"]) == pytest.approx((0.6, 0.1))
+    assert (aues["mean_b"], aues["std_b"]) == pytest.approx((13 / 30, sqrt(1 / 300)))
+    assert (aues["abs_delta_mean"], aues["abs_delta_std"]) == pytest.approx((1 / 6, sqrt(1 / 300)))
+    assert aues["p_value"] == pytest.approx(0.25)
+    # MU95: a = -5, -4, -3; b = -5, -6, -7; d = 0, 2, 4 (|Δ| mean 2, std 2). Sign sums ±2±4 give |mean| 2 in half of
+    # the 8 assignments: p = 0.5.
+    assert (mu95["mean_a"], mu95["std_a"], mu95["mean_b"], mu95["std_b"]) == pytest.approx((-4, 1, -6, 1))
+    assert (mu95["abs_delta_mean"], mu95["abs_delta_std"], mu95["p_value"]) == pytest.approx((2, 2, 0.5))
+    table = capsys.readouterr().out
+    assert "| AUES | 0.600 ± 0.100 | 0.433 ± 0.058 | 0.167 ± 0.058 | 0.250 |" in table
+    assert "| MU95 | -4.000 ± 1.000 | -6.000 ± 1.000 | 2.000 ± 2.000 | 0.500 |" in table
+
+
+def test_compare_pairs_by_position_without_seeds_and_rejects_mismatched_seeds(tmp_path):
+    write_runs_json(tmp_path / "a.json", [(None, 0.5, -5.0), (None, 0.6, -4.0)])
+    write_runs_json(tmp_path / "b.json", [(None, 0.6, -5.0), (None, 0.4, -4.0)])
+    A.main(["compare", "--group", "a", str(tmp_path / "a.json"), "--group", "b", str(tmp_path / "b.json"),
+            "--out", str(tmp_path / "cmp.json")])
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    # By position: |.5 - .6| and |.6 - .4| -> mean .15.
+    assert result["pairing"] == "position" and result["aues"]["abs_delta_mean"] == pytest.approx(0.15)
+    write_runs_json(tmp_path / "c.json", [(1, 0.5, -5.0), (2, 0.6, -4.0)])
+    write_runs_json(tmp_path / "d.json", [(1, 0.5, -5.0), (4, 0.6, -4.0)])
+    with pytest.raises(ConfigError, match="seeds differ"):
+        A.main(["compare", "--group", "c", str(tmp_path / "c.json"), "--group", "d", str(tmp_path / "d.json")])
+
+
+def test_methods_cli_table(tmp_path, capsys):
+    write_runs_json(tmp_path / "act.json", [(1, 0.5, -5.0), (2, 0.7, -3.0)])
+    write_runs_json(tmp_path / "rnd.json", [(1, 0.4, -6.0)])
+    A.main(["methods", "--group", "activation", str(tmp_path / "act.json"), "--group", "random",
+            str(tmp_path / "rnd.json"), "--out", str(tmp_path / "m.json")])
+    result = json.loads((tmp_path / "m.json").read_text())
+    # activation: mean .6, sample std sqrt(.02) = 0.1414; MU95 mean -4, std sqrt(2). One run: std 0.
+    assert (result["activation"]["aues_mean"], result["activation"]["aues_std"]) == pytest.approx((0.6, sqrt(0.02)))
+    assert (result["activation"]["mu95_mean"], result["activation"]["mu95_std"]) == pytest.approx((-4, sqrt(2)))
+    assert (result["random"]["n"], result["random"]["aues_std"]) == (1, 0.0)
+    assert "| activation | 0.600 ± 0.141 | -4.000 ± 1.414 | 2 |" in capsys.readouterr().out
+
+
+# A stand-in for eval_tofu.py: logs the model it is asked for and writes the summary the test left in the model's
+# directory, with the config fields eval.sh and aggregate.py read.
+STUB = """
+import json, os, sys
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+model = args["model_path"]
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(os.path.basename(model) + "\\n")
+out = os.path.join(model, "eval_results", "eval_" + args["forget_split"] + ".json")
+os.makedirs(os.path.dirname(out), exist_ok=True)
+with open(os.path.join(model, "fake_summary.json")) as f:
+    summary = json.load(f)
+with open(out, "w") as f:
+    json.dump({"config": args, "per_sample": {}, "summary": summary}, f)
+"""
+
+
+def test_eval_sh_evaluates_only_missing_checkpoints_and_resumes(tmp_path):
+    retain, theta_o, run = tmp_path / "retain", tmp_path / "theta_o", tmp_path / "run"
+    for label, rs, fs, mu, fq in POINTS + [("retain", 0.5, 0.9, 0.59, None)]:
+        model = {"theta_o": theta_o, "retain": retain}.get(label, run / label)
+        model.mkdir(parents=True)
+        (model / "fake_summary.json").write_text(json.dumps(summary(rs, fs, mu, fq)))
+    retain_eval = str(A.eval_path(retain, SPLIT).resolve())
+    write_eval(run / "checkpoint-5", summary(0.8, 0.5, 0.58, -5.0), retain_result=retain_eval)  # done already
+    write_eval(run / "checkpoint-9", summary(0.5, 0.7, 0.56, None))  # evaluated before the retain result existed
+    (tmp_path / "stub.py").write_text(STUB)
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PYTHON": sys.executable, "EVAL_CMD": f"{sys.executable} {tmp_path / 'stub.py'}",
+           "STUB_LOG": str(log), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    args = [str(ROOT / "scripts" / "eval.sh"), "--theta-o", str(theta_o), "--retain-model", str(retain),
+            "--out", str(out), str(run)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(log.read_text().split()) == ["checkpoint-10", "checkpoint-9", "retain", "theta_o"]
+    assert json.loads(A.eval_path(run / "checkpoint-9", SPLIT).read_text())["config"]["retain_result"] == retain_eval
+    (record,) = json.loads((out / "runs.json").read_text())["runs"]
+    assert (record["aues"], record["mu95"], record["chosen_checkpoint"]) == (pytest.approx(0.56), -5.0, "checkpoint-5")
+    assert (out / A.MU_FQ_PLOT).is_file() and "| run | 0.560 |" in done.stdout
+
+    # Again, configured from the environment: everything is evaluated, so only the aggregation runs.
+    env.update(RUNS=str(run), THETA_O=str(theta_o), RETAIN_EVAL=retain_eval, OUT=str(out))
+    again = subprocess.run([str(ROOT / "scripts" / "eval.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert len(log.read_text().split()) == 4
+    assert again.stdout.count("evaluated already") == 4
