@@ -49,6 +49,7 @@ class TrainSettings:
     save_checkpoint: bool
     save_steps: int
     save_each_epoch: bool
+    deepspeed: str | None = None
 
     def steps_per_epoch(self, n_examples: int) -> int:
         micro = math.ceil(math.ceil(n_examples / world_size()) / self.batch_size)
@@ -99,6 +100,7 @@ def train(
     total_steps = steps_per_epoch * settings.epochs
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(settings.lr_scheduler, optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
+    engine = _deepspeed_engine(model, trainable, optimizer, scheduler, settings) if settings.deepspeed else None
     step, history = 0, []
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -134,18 +136,24 @@ def train(
             group = micro_batches[start:start + settings.grad_accum]
             loss_value = 0.0
             for batch in group:
-                loss = loss_fn(model, _to(batch, device)) / len(group)
-                loss.backward()
-                loss_value += loss.item()
+                loss = loss_fn(model, _to(batch, device))
+                if engine is not None:
+                    # DeepSpeed scales by its accumulation steps, reduces, clips and steps at the boundary.
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    (loss / len(group)).backward()
+                loss_value += loss.item() / len(group)
             loss_value = _mean_across_ranks(loss_value)
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(f"loss became {loss_value} at step {step + 1}; last good checkpoint is kept in {run_dir}")
-            _average_gradients(trainable)
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if engine is None:
+                _average_gradients(trainable)
+                if settings.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
             history.append({"step": step, "epoch": epoch, "loss": round(loss_value, 6), "lr": scheduler.get_last_lr()[0]})
             progress.update(1)
@@ -156,6 +164,22 @@ def train(
             save()
     progress.close()
     return save(final=True)
+
+
+def _deepspeed_engine(model, trainable, optimizer, scheduler, settings: TrainSettings):
+    """A DeepSpeed ZeRO engine over the same model, optimizer and schedule (only `trainable` is partitioned)."""
+    import deepspeed
+
+    config = json.loads(Path(settings.deepspeed).read_text())
+    auto = {"train_micro_batch_size_per_gpu": settings.batch_size, "gradient_accumulation_steps": settings.grad_accum,
+            "gradient_clipping": settings.max_grad_norm}
+    config.update({k: v for k, v in auto.items() if config.get(k, "auto") == "auto"})
+    config["train_batch_size"] = settings.batch_size * settings.grad_accum * world_size()
+    if config.get("bf16", {}).get("enabled") == "auto":
+        config["bf16"]["enabled"] = trainable[0].dtype == torch.bfloat16
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, optimizer=optimizer,
+                                      lr_scheduler=scheduler, config=config, dist_init_required=False)
+    return engine
 
 
 def _trainable_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:

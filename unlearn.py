@@ -42,7 +42,9 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_dir(c: dict[str, Any], world_size: int) -> Path:
-    """The original suite's layout; a run from a checkpoint nests under that checkpoint."""
+    """`output_dir` if given, else the original suite's layout; a run from a checkpoint nests under it."""
+    if c["output_dir"]:
+        return Path(c["output_dir"])
     masked = Path(c["mask_path"]).stem if c["mask_path"] else "False"
     effective_bs = c["batch_size"] * c["grad_accum"] * world_size
     leaf = Path(c["forget_split"], c["forget_loss"], f"lora_r{c['lora_r']}", f"masked_{masked}",
@@ -73,6 +75,8 @@ def unlearn(cfg: DictConfig) -> None:
         c["hyper_param"] = spec.default_hyper_param
     elif not isinstance(c["hyper_param"], (int, float)) or isinstance(c["hyper_param"], bool):
         raise ConfigError(f"hyper_param={c['hyper_param']!r} must be a number")
+    if c["deepspeed"] and not Path(c["deepspeed"]).is_file():
+        raise ConfigError(f"deepspeed={c['deepspeed']} does not exist; expected a DeepSpeed JSON (config/ds_config.json)")
     if c["mask_path"] and c["lora_r"] > 0:
         raise ConfigError("mask_path and lora_r>0 are exclusive: a mask trains value vectors, LoRA trains adapters")
     if c["mask_path"] and not Path(c["mask_path"]).is_file():
@@ -104,6 +108,9 @@ def unlearn(cfg: DictConfig) -> None:
         ref_model = load_model(ref_path, device).eval().requires_grad_(False)
 
     resume_from = broadcast_resume_point(out)
+    if resume_from and c["deepspeed"]:
+        raise ConfigError(f"{resume_from} exists, but resuming under DeepSpeed is not supported (ZeRO partitions the "
+                          "optimizer state); rerun without deepspeed= to resume, or delete the run directory")
     resume_state = load_resume_state(resume_from) if resume_from else None
     if resume_from and c["lora_r"] == 0:
         load_plain_weights(model, resume_from)
@@ -134,7 +141,8 @@ def unlearn(cfg: DictConfig) -> None:
 
     settings = TrainSettings(**{k: c[k] for k in ("lr", "weight_decay", "epochs", "batch_size", "grad_accum",
                                                   "warmup_ratio", "lr_scheduler", "max_grad_norm", "seed",
-                                                  "save_checkpoint", "save_steps", "save_each_epoch")})
+                                                  "save_checkpoint", "save_steps", "save_each_epoch",
+                                                  "deepspeed")})
     log.info("training %d tensors (%d values) with %s; writing to %s", len(trainable),
              sum(p.numel() for p in trainable), c["forget_loss"], out)
     try:

@@ -8,4 +8,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
+# DeepSpeed builds against the torch installed above; with build isolation pip would fetch a CUDA torch.
+.venv/bin/python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 .venv/bin/python -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -139,3 +139,27 @@ def test_bad_config_is_one_clear_error(tiny_path, tmp_path, override, message):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
     assert not list(tmp_path.rglob("checkpoint-*"))
+
+
+def test_deepspeed_zero2_two_ranks_keeps_the_mask(tiny_path, tmp_path):
+    """ZeRO-2 over 2 CPU ranks (gloo): the run completes and nothing outside the mask moves."""
+    from mask_generator import save_mask
+
+    mask = tmp_path / "mask.pt"
+    indices = [torch.tensor([1, 2, 3]), torch.tensor([10, 400])]
+    save_mask(mask, indices, {"method": "hand", "n_layers": 2, "d_ff": 512})
+    result = run_script(*_unlearn_args(tiny_path, tmp_path, "epochs=1", "save_checkpoint=false",
+                                       f"mask_path={mask}", f"deepspeed={ROOT / 'config' / 'ds_config.json'}"), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = {p.parent.parent for p in tmp_path.rglob("trainer_state.json")}
+    after = _weights(run)
+    before = load_file(str(tiny_path / "model.safetensors"))
+    for name, value in before.items():
+        if name.endswith("mlp.down_proj.weight"):
+            idx = indices[int(name.split(".")[2])]
+            keep = torch.ones(value.shape[1], dtype=torch.bool)
+            keep[idx] = False
+            assert torch.equal(after[name][:, keep], value[:, keep])
+            assert not torch.equal(after[name][:, idx], value[:, idx])
+        else:
+            assert torch.equal(after[name], value), name
