@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The study end to end. Every step writes into $OUT and is skipped when its result is already there, so a
+# killed run continues where it stopped.
+#  controlled: theta_r (fine-tuned on the retain split) -> V_tgt, a random RATIO of all value vectors -> theta_o
+#     (the forget split injected into V_tgt only) -> V_rdm, as many vectors drawn outside V_tgt -> each loss
+#     unlearns theta_o on V_tgt (oracle) and on V_rdm (random) -> eval.sh -> oracle-vs-random table over seeds.
+#  methods: theta_f (fine-tuned on full) -> a mask per attribution method -> each loss unlearns theta_f on it
+#     -> eval.sh -> AUES/MU95 table per method.
+# Every setting below can be overridden from the environment, e.g. SEEDS="1 2" LOSSES=npo scripts/controlled.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+MODEL_FAMILY=${MODEL_FAMILY:-tiny}
+DATA_PATH=${DATA_PATH:-synthetic}          # TOFU directory, or synthetic
+OUT=${OUT:-outputs/study}
+FORGET_SPLIT=${FORGET_SPLIT:-forget10}
+RETAIN_SPLIT=${RETAIN_SPLIT:-retain90}
+SEEDS=${SEEDS:-"1 2 3 4 5"}
+LOSSES=${LOSSES:-"npo wga dpo rmu_1"}
+METHODS=${METHODS:-"random_down activation memflex_down wagle_down"}
+PARTS=${PARTS:-"controlled methods"}
+RATIO=${RATIO:-0.1}
+FT_ARGS=${FT_ARGS:-}                       # extra unlearn.py overrides for the two fine-tunes (e.g. epochs=3)
+INJECT_ARGS=${INJECT_ARGS:-"forget_loss=learn_reg epochs=10"}
+UNLEARN_ARGS=${UNLEARN_ARGS:-"epochs=5 lr=1e-3 lr_scheduler=constant"}
+MASK_ARGS=${MASK_ARGS:-}
+EVAL_ARGS=${EVAL_ARGS:-}
+NPROC=${NPROC:-1}
+PYTHON=${PYTHON:-python}
+export PYTHON EVAL_ARGS
+
+run() {  # run an entry point with one process, or torchrun when NPROC > 1
+  if ((NPROC > 1)); then "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"
+  else "$PYTHON" "$@"; fi
+}
+final() { ls -d "$1"/checkpoint-* | sort -t- -k2 -n | tail -1; }
+common=(model_family="$MODEL_FAMILY" data_path="$DATA_PATH")
+read -r -a ft_args <<< "$FT_ARGS"
+read -r -a inject_args <<< "$INJECT_ARGS"
+read -r -a unlearn_args <<< "$UNLEARN_ARGS"
+read -r -a mask_args <<< "$MASK_ARGS"
+mask_file() {  # mask_root attribution variant seed -> the path generate_mask.py writes
+  echo "$1/$2/$MODEL_FAMILY/TOFU/default/$FORGET_SPLIT/$2_mask_$3_$("$PYTHON" -c "print(float($RATIO))")_s$4.pt"
+}
+evaluate() {  # theta_o out_dir run_dir
+  scripts/eval.sh --theta-o "$1" --retain-model "$THETA_R" --model-family "$MODEL_FAMILY" --data-path "$DATA_PATH" \
+    --forget-split "$FORGET_SPLIT" --nproc "$NPROC" --out "$2" "$3" > "$2.log"
+}
+
+echo "== theta_r: fine-tune on $RETAIN_SPLIT"
+run unlearn.py "${common[@]}" forget_loss=learn forget_split="$RETAIN_SPLIT" output_dir="$OUT/theta_r" \
+  save_checkpoint=false "${ft_args[@]}"
+THETA_R=$(final "$OUT/theta_r")
+tables="$OUT/tables.md"
+: > "$tables"
+
+if [[ " $PARTS " == *" controlled "* ]]; then
+  for seed in $SEEDS; do
+    echo "== seed $seed: V_tgt, injection into it, V_rdm"
+    run generate_mask.py "${common[@]}" model_path="$THETA_R" attribution=random_down ratio="$RATIO" seed="$seed" \
+      forget_split="$FORGET_SPLIT" mask_root="$OUT/masks"
+    v_tgt=$(mask_file "$OUT/masks" random_down normal "$seed")
+    run unlearn.py "${common[@]}" model_path="$THETA_R" forget_split="$FORGET_SPLIT" mask_path="$v_tgt" seed="$seed" \
+      output_dir="$OUT/controlled/seed$seed/theta_o" save_checkpoint=false "${inject_args[@]}"
+    theta_o=$(final "$OUT/controlled/seed$seed/theta_o")
+    run generate_mask.py "${common[@]}" model_path="$THETA_R" attribution=random_down variant=random_complement \
+      target_mask_path="$v_tgt" ratio="$RATIO" seed="$seed" forget_split="$FORGET_SPLIT" mask_root="$OUT/masks"
+    v_rdm=$(mask_file "$OUT/masks" random_down random_complement "$seed")
+    for loss in $LOSSES; do
+      for region in oracle random; do
+        mask=$v_tgt; [[ $region == random ]] && mask=$v_rdm
+        dir="$OUT/controlled/seed$seed/$loss/$region"
+        echo "== seed $seed: $loss on the $region region"
+        run unlearn.py "${common[@]}" model_path="$theta_o" forget_split="$FORGET_SPLIT" forget_loss="$loss" \
+          mask_path="$mask" seed="$seed" output_dir="$dir/run" "${unlearn_args[@]}"
+        evaluate "$theta_o" "$dir/agg" "$dir/run"
+      done
+    done
+  done
+  for loss in $LOSSES; do
+    groups=()
+    for region in oracle random; do
+      groups+=(--group "$region"); for seed in $SEEDS; do groups+=("$OUT/controlled/seed$seed/$loss/$region/agg"); done
+    done
+    { echo "### Controlled experiment, $loss (seeds: $SEEDS)"; echo
+      "$PYTHON" aggregate.py compare "${groups[@]}" --out "$OUT/controlled/compare_$loss.json"; echo; } | tee -a "$tables"
+  done
+fi
+
+if [[ " $PARTS " == *" methods "* ]]; then
+  echo "== theta_f: fine-tune on full"
+  run unlearn.py "${common[@]}" forget_loss=learn forget_split=full output_dir="$OUT/theta_f" save_checkpoint=false \
+    "${ft_args[@]}"
+  theta_f=$(final "$OUT/theta_f")
+  for seed in $SEEDS; do
+    for method in $METHODS; do
+      echo "== seed $seed: $method mask"
+      run generate_mask.py "${common[@]}" model_path="$theta_f" attribution="$method" ratio="$RATIO" seed="$seed" \
+        forget_split="$FORGET_SPLIT" mask_root="$OUT/masks_f" "${mask_args[@]}"
+      mask=$(mask_file "$OUT/masks_f" "$method" normal "$seed")
+      for loss in $LOSSES; do
+        dir="$OUT/methods/seed$seed/$method/$loss"
+        run unlearn.py "${common[@]}" model_path="$theta_f" forget_split="$FORGET_SPLIT" forget_loss="$loss" \
+          mask_path="$mask" seed="$seed" output_dir="$dir/run" "${unlearn_args[@]}"
+        evaluate "$theta_f" "$dir/agg" "$dir/run"
+      done
+    done
+  done
+  for loss in $LOSSES; do
+    groups=()
+    for method in $METHODS; do
+      groups+=(--group "$method"); for seed in $SEEDS; do groups+=("$OUT/methods/seed$seed/$method/$loss/agg"); done
+    done
+    { echo "### Attribution methods, $loss (seeds: $SEEDS)"; echo
+      "$PYTHON" aggregate.py methods "${groups[@]}" --out "$OUT/methods/methods_$loss.json"; echo; } | tee -a "$tables"
+  done
+fi
+echo "tables: $tables; per-run plots: $OUT/*/seed*/*/*/agg/*.png (and .../agg/runs.json, runs.csv)"
