@@ -812,7 +812,8 @@ def load_mask(path: str | os.PathLike, n_layers: int | None = None, d_ff: int | 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / BadZipFile ...
-        raise ValueError(f"mask file {path} is unreadable (corrupt or truncated?): {type(exc).__name__}: {exc}") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"mask file {path} is unreadable (corrupt or truncated?): {type(exc).__name__}: {first_line}") from exc
     if not isinstance(obj, dict) or "indices" not in obj or "meta" not in obj or "format" not in obj:
         raise ValueError(f"{path} is not a loc-unlearn mask (expected a dict with 'format', 'indices', 'meta')")
     if obj["format"] != MASK_FORMAT:

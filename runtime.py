@@ -119,6 +119,8 @@ def check_writable(directory: str | os.PathLike) -> None:
     probe = directory
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output directory {directory} cannot be created: {probe} is not a directory")
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"output directory {directory} is not writable (checked {probe})")
 
@@ -128,7 +130,7 @@ def run_main(main_fn) -> None:
     try:
         main_fn()
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # always one line
         raise SystemExit(2) from None
     finally:
         if dist.is_initialized():

@@ -1,0 +1,131 @@
+"""Bad input: one clear line, exit status 2, nothing half-written. Entry points run in-process for speed;
+tests/test_training.py and tests/test_generate_mask.py check the same path through real subprocesses."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import generate_mask
+import unlearn
+from conftest import ROOT
+from mask_generator import save_mask
+from runtime import run_main
+
+TINY_MASK = [torch.tensor([0, 5]), torch.tensor([7])]
+
+
+def _run(entry, config: str, overrides: list[str], capsys) -> tuple[int, str]:
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = compose(config_name=config, overrides=overrides)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: entry(cfg))
+    err = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, err[-1] if err else ""
+
+
+@pytest.fixture
+def base(tiny_path, tmp_path):
+    return ["model_family=tiny", f"model_path={tiny_path}", "data_path=synthetic", "forget_split=forget01",
+            f"save_root={tmp_path / 'runs'}", "epochs=1", "batch_size=8"]
+
+
+def _mask_variants(tmp_path: Path) -> dict[str, Path]:
+    good = tmp_path / "good.pt"
+    save_mask(good, TINY_MASK, {"method": "hand", "n_layers": 2, "d_ff": 512})
+    files = {"missing": tmp_path / "missing.pt"}
+    files["truncated"] = tmp_path / "truncated.pt"
+    files["truncated"].write_bytes(good.read_bytes()[:100])
+    files["corrupt"] = tmp_path / "corrupt.pt"
+    files["corrupt"].write_bytes(b"not a zip file at all")
+    files["not_a_mask"] = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(3)}, files["not_a_mask"])
+    files["other_shape"] = tmp_path / "shape.pt"
+    save_mask(files["other_shape"], TINY_MASK + [torch.tensor([1])], {"method": "hand", "n_layers": 3, "d_ff": 512})
+    files["out_of_range"] = tmp_path / "range.pt"
+    torch.save({"format": "loc-unlearn-mask/1", "indices": [torch.tensor([0, 600]), torch.tensor([1])],
+                "meta": {"n_layers": 2, "d_ff": 512}}, files["out_of_range"])
+    files["duplicated"] = tmp_path / "dup.pt"
+    torch.save({"format": "loc-unlearn-mask/1", "indices": [torch.tensor([3, 3]), torch.tensor([1])],
+                "meta": {"n_layers": 2, "d_ff": 512}}, files["duplicated"])
+    return files
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "does not exist"), ("truncated", "mask"), ("corrupt", "mask"), ("not_a_mask", "not a loc-unlearn mask"),
+    ("other_shape", "layer"), ("out_of_range", "range"), ("duplicated", "duplicate"),
+])
+def test_bad_mask_files(base, tmp_path, capsys, kind, message):
+    path = _mask_variants(tmp_path)[kind]
+    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, f"mask_path={path}"], capsys)
+    assert code == 2 and line.startswith("error:") and message in line.lower() and str(path.name) in line
+    assert not list((tmp_path / "runs").rglob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("forget_loss=forget_everything", "unknown forget_loss='forget_everything'"),
+    ("model_family=gpt5", "unknown model_family='gpt5'"),
+    ("forget_split=forget50", "unknown TOFU split 'forget50'"),
+    ("retain_split=retain50", "unknown TOFU split 'retain50'"),
+    ("hyper_param=big", "hyper_param='big' must be a number"),
+    ("model_path=/etc", "model_path=/etc is not a model directory"),
+    ("save_root=/etc/hostname/runs", "/etc/hostname is not a directory"),
+    ("deepspeed=missing.json", "deepspeed=missing.json does not exist"),
+    ("forget_loss=rt_diff", "needs retain_model_path"),
+])
+def test_bad_unlearn_config(base, tmp_path, capsys, override, message):
+    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, override], capsys)
+    assert code == 2 and line.startswith("error:") and message in line
+    assert not list((tmp_path / "runs").rglob("checkpoint-*"))
+
+
+def _tofu_copy(tofu: Path, tmp_path: Path) -> Path:
+    data = tmp_path / "tofu"
+    shutil.copytree(tofu, data)
+    return data
+
+
+def test_bad_data_directory(base, tofu_dir, tmp_path, capsys):
+    data = _tofu_copy(tofu_dir, tmp_path)
+    (data / "forget01.json").unlink()
+    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, f"data_path={data}"], capsys)
+    assert code == 2 and f"expected the file {data / 'forget01.json'}" in line
+    (data / "forget01.json").write_text("")
+    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, f"data_path={data}"], capsys)
+    assert code == 2 and "is empty" in line
+    lines = (tofu_dir / "forget01.json").read_text().splitlines()
+    lines[6] = lines[6][:-5]
+    (data / "forget01.json").write_text("\n".join(lines))
+    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, f"data_path={data}"], capsys)
+    assert code == 2 and f"{data / 'forget01.json'}:7: malformed JSON" in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ratio=1.01", "ratio=1.01 must be a number in (0, 1]"),
+    ("ratio=-0.1", "ratio=-0.1 must be a number in (0, 1]"),
+    ("ratio=all", "ratio='all' must be a number in (0, 1]"),
+    ("attribution=magic", "unknown attribution='magic'"),
+    ("variant=opposite", "unknown variant='opposite'"),
+    ("target_mask_path=nowhere.pt", "target_mask_path=nowhere.pt does not exist"),
+    ("mask_root=/etc/hostname/masks", "is not a directory"),
+])
+def test_bad_mask_config(tiny_path, tmp_path, capsys, override, message):
+    args = ["model_family=tiny", f"model_path={tiny_path}", "data_path=synthetic", "forget_split=forget01",
+            f"mask_root={tmp_path}", override]
+    code, line = _run(generate_mask.generate, "get_mask_tofu", args, capsys)
+    assert code == 2 and line.startswith("error:") and message in line
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, capsys):
+    code, line = _run(unlearn.unlearn, "forget_tofu",
+                      [*base, "forget_loss=ga", "lr=1e30", "max_grad_norm=0", "save_steps=1", "epochs=3"], capsys)
+    assert code == 2 and "loss became" in line and "at step" in line
+    step = int(line.split("at step ")[1].split(";")[0])
+    kept = sorted((tmp_path / "runs").rglob("checkpoint-*"))
+    assert kept and all(int(p.name.split("-")[1]) < step for p in kept)
+    assert not any(json.loads((p / "trainer_state.json").read_text())["final"] for p in kept)
