@@ -42,6 +42,13 @@ read -r -a mask_args <<< "$MASK_ARGS"
 mask_file() {  # mask_root attribution variant seed -> the path generate_mask.py writes
   echo "$1/$2/$MODEL_FAMILY/TOFU/default/$FORGET_SPLIT/$2_mask_$3_$("$PYTHON" -c "print(float($RATIO))")_s$4.pt"
 }
+group_args() {  # name pattern -> "--group name" and the pattern with SEED replaced by each seed
+  echo "--group $1"; for seed in $SEEDS; do echo "${2//SEED/$seed}"; done
+}
+table() {  # aggregate.py mode, title, JSON output, group arguments: print the table and append it to $tables
+  local mode=$1 title=$2 out=$3; shift 3
+  { echo "### $title (seeds: $SEEDS)"; echo; "$PYTHON" aggregate.py "$mode" "$@" --out "$out"; echo; } | tee -a "$tables"
+}
 evaluate() {  # theta_o out_dir run_dir
   scripts/eval.sh --theta-o "$1" --retain-model "$THETA_R" --model-family "$MODEL_FAMILY" --data-path "$DATA_PATH" \
     --forget-split "$FORGET_SPLIT" --nproc "$NPROC" --out "$2" "$3" > "$2.log"
@@ -79,11 +86,8 @@ if [[ " $PARTS " == *" controlled "* ]]; then
   done
   for loss in $LOSSES; do
     groups=()
-    for region in oracle random; do
-      groups+=(--group "$region"); for seed in $SEEDS; do groups+=("$OUT/controlled/seed$seed/$loss/$region/agg"); done
-    done
-    { echo "### Controlled experiment, $loss (seeds: $SEEDS)"; echo
-      "$PYTHON" aggregate.py compare "${groups[@]}" --out "$OUT/controlled/compare_$loss.json"; echo; } | tee -a "$tables"
+    for region in oracle random; do groups+=($(group_args "$region" "$OUT/controlled/seedSEED/$loss/$region/agg")); done
+    table compare "Controlled experiment, $loss" "$OUT/controlled/compare_$loss.json" "${groups[@]}"
   done
 fi
 
@@ -108,11 +112,8 @@ if [[ " $PARTS " == *" methods "* ]]; then
   done
   for loss in $LOSSES; do
     groups=()
-    for method in $METHODS; do
-      groups+=(--group "$method"); for seed in $SEEDS; do groups+=("$OUT/methods/seed$seed/$method/$loss/agg"); done
-    done
-    { echo "### Attribution methods, $loss (seeds: $SEEDS)"; echo
-      "$PYTHON" aggregate.py methods "${groups[@]}" --out "$OUT/methods/methods_$loss.json"; echo; } | tee -a "$tables"
+    for method in $METHODS; do groups+=($(group_args "$method" "$OUT/methods/seedSEED/$method/$loss/agg")); done
+    table methods "Attribution methods, $loss" "$OUT/methods/methods_$loss.json" "${groups[@]}"
   done
 fi
 echo "tables: $tables; per-run plots: $OUT/*/seed*/*/*/agg/*.png (and .../agg/runs.json, runs.csv)"
