@@ -163,3 +163,21 @@ def test_deepspeed_zero2_two_ranks_keeps_the_mask(tiny_path, tmp_path):
             assert not torch.equal(after[name][:, idx], value[:, idx])
         else:
             assert torch.equal(after[name], value), name
+
+
+def test_lora_checkpoint_is_a_plain_merged_model(tiny_path, tmp_path):
+    from masking import apply_lora
+
+    tok, data = _dataset(tiny_path)
+    model = load_model(str(tiny_path), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model, trainable = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    learn = get_loss("learn")
+    # LoRA's B starts at zero, so one step cannot move the merged weights: train a few.
+    train(peft_model, trainable, data, lambda m, b: learn(m, b, None, {}), TrainSettings(**{**SETTINGS, "epochs": 2}),
+          tmp_path, lambda path, state: None)
+    merged = plain_state_dict(peft_model)
+    assert set(merged) == set(before)
+    for name, value in merged.items():
+        changed = not torch.equal(value, before[name])
+        assert changed == (name.endswith(("q_proj.weight", "v_proj.weight"))), name
