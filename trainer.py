@@ -77,7 +77,8 @@ def load_plain_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     for file in sorted(checkpoint.glob("*.safetensors")):
         state.update(load_file(str(file)))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight") or "lm_head.weight" in state]
+    if getattr(model.config, "tie_word_embeddings", False):  # a tied head is saved once, as the embedding
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
