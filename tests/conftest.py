@@ -33,7 +33,8 @@ def tiny_path() -> Path:
 
 def run_script(*args: str, nproc: int = 1, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run an entry point as a user would (python X.py or torchrun), returning the completed process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # Passive OpenMP waits: spinning threads of concurrent processes would starve each other on 2 cores.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args]
     else:
