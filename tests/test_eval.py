@@ -232,7 +232,7 @@ def run_torchrun(*args: str, nproc: int) -> None:
 @pytest.fixture(scope="module")
 def model_dirs(tiny, tmp_path_factory) -> tuple[Path, Path]:
     """Two tiny models with the same tokenizer and different weights, in writable directories."""
-    model, _, path = tiny
+    path = tiny[2]
     root = tmp_path_factory.mktemp("models")
     a, b = root / "a", root / "b"
     shutil.copytree(path, a, ignore=shutil.ignore_patterns("eval_results"))
