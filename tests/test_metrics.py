@@ -246,3 +246,15 @@ def test_compare_groups_single_seed():
     out = M.compare_groups([0.4], [0.1])
     assert out["std_a"] == 0.0 and out["std_b"] == 0.0 and out["abs_delta_std"] == 0.0
     assert out["abs_delta_mean"] == pytest.approx(0.3) and out["p_value"] == 1.0
+
+
+def test_rouge_with_memoised_stemmer_equals_rouge_score_default():
+    from rouge_score import rouge_scorer
+
+    stock = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    refs = ["The authors were writing stories about running dogs.", "Jaime Vasquez was born in Santiago, Chile."]
+    preds = ["Writers wrote a story about dogs that run, running and runs.", "Born in Chile: Jaime Vasquez, 1958."]
+    for _ in range(2):  # the second pass is served from the stemmer's cache
+        expected = [stock.score(r, p)["rougeL"].recall for p, r in zip(preds, refs)]
+        np.testing.assert_array_equal(M.rouge_l_recall(preds, refs), expected)
+    assert 0 < expected[0] < 1

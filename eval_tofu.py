@@ -1,0 +1,219 @@
+"""Evaluate one model on TOFU: forget / retain / real authors / world facts metrics, extraction strength, forget
+quality against a retain model's results, and model utility.
+
+    python eval_tofu.py model_path=runs/.../checkpoint-50 data_path=../shared/data/tofu forget_split=forget10
+    python eval_tofu.py model_path=... retain_result=<retain model dir>/eval_results/eval_forget10.json
+    torchrun --nproc_per_node=2 eval_tofu.py model_path=... data_path=...
+
+Writes <output_dir or model_path/eval_results>/eval_<forget_split>.json (rank 0). An existing JSON for the same model
+(path and file fingerprint) and config is reused: only its summary is recomputed, e.g. with a new retain_result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import metrics as M
+from dataloader import load_tofu
+from evaluator import RETAIN_ES, SPLIT_DATA, SPLITS, EvalSettings, run_evaluation, summarize
+from models import family_config, load_model, load_tokenizer, resolve_model_path
+from runtime import (ConfigError, broadcast_object, check_writable, init_distributed, is_main, run_main,
+                     seed_everything, setup_logging, write_json)
+
+log = logging.getLogger("loc_unlearn")
+
+FORGET_SPLITS = ("forget01", "forget05", "forget10")
+# Keys that never change per-sample values: a result with other values here is still reused.
+NOT_CACHE_KEYS = ("overwrite", "retain_result")
+# Bumped whenever the evaluator's per-sample values change meaning, so older JSONs are not reused.
+FORMAT_VERSION = 1
+# Files up to this size are fingerprinted by content; larger weight shards by size and modification time.
+HASHED_FILE_BYTES = 64 << 20
+RESULT_NAME = re.compile(r"eval_.*\.json")
+
+
+def resolve(cfg: DictConfig) -> dict[str, Any]:
+    """The validated config with the family's max_length filled in and the splits in canonical order."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    family = family_config(c["model_family"])
+    if c["forget_split"] not in FORGET_SPLITS:
+        raise ConfigError(f"unknown forget_split={c['forget_split']!r}; expected one of {list(FORGET_SPLITS)}")
+    splits = [c["splits"]] if isinstance(c["splits"], str) else list(c["splits"] or [])
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise ConfigError(f"splits={splits} must be a non-empty subset of {list(SPLITS)}")
+    c["splits"] = [s for s in SPLITS if s in splits]
+    if str(c["retain_eval_split"]).startswith("forget"):
+        raise ConfigError(f"retain_eval_split={c['retain_eval_split']} is a forget split; Retain Strength needs "
+                          f"retained knowledge, e.g. retain_perturbed")
+    if c["es_convention"] not in M.ES_CONVENTIONS:
+        raise ConfigError(f"es_convention={c['es_convention']!r}; expected one of {list(M.ES_CONVENTIONS)}")
+    for key in ("batch_size", "generation_batch_size", "max_new_tokens"):
+        if not isinstance(c[key], int) or c[key] < 1:
+            raise ConfigError(f"{key}={c[key]!r} must be a positive integer")
+    if c["max_samples"] is not None and (not isinstance(c["max_samples"], int) or c["max_samples"] < 1):
+        raise ConfigError(f"max_samples={c['max_samples']!r} must be a positive integer or null")
+    if c["retain_result"] and "forget" not in c["splits"]:
+        raise ConfigError("retain_result gives forget quality, which needs `forget` in splits")
+    c["max_length"] = c["max_length"] or family["max_length"]
+    return c
+
+
+def output_file(c: dict[str, Any]) -> Path:
+    directory = Path(c["output_dir"]) if c["output_dir"] else Path(c["resolved_model_path"]) / "eval_results"
+    return directory / f"eval_{c['forget_split']}.json"  # matches RESULT_NAME
+
+
+def model_fingerprint(model_path: str) -> str | None:
+    """A digest of the files that define a model (weights, config, tokenizer); None when they cannot be found.
+
+    Small files are hashed by content; large weight shards by size and modification time, which change whenever
+    the weights are rewritten. A hub id is looked up in the local hub cache (whose snapshot path holds the commit).
+    Evaluation results (eval_*.json) are skipped, so that output_dir may be the model directory itself.
+    """
+    directory = Path(model_path)
+    if not directory.is_dir():
+        directory = _hub_snapshot(model_path)
+        if directory is None:
+            return None
+    digest = hashlib.sha256(str(directory.resolve()).encode())
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not RESULT_NAME.fullmatch(p.name))
+    for path in files:
+        stat = path.stat()
+        digest.update(path.name.encode())
+        if stat.st_size <= HASHED_FILE_BYTES:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        else:
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id either
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def load_data(c: dict[str, Any]) -> dict[str, list[dict]]:
+    """The rows of every requested evaluation (first max_samples of each), keyed as run_evaluation expects."""
+    names = {"forget": f"{c['forget_split']}_perturbed", **SPLIT_DATA}
+    data = {split: load_tofu(names[split], c["data_path"]) for split in c["splits"]}
+    if "retain" in c["splits"] and c["retain_eval_split"] != SPLIT_DATA["retain"]:
+        data[RETAIN_ES] = load_tofu(c["retain_eval_split"], c["data_path"])
+        names[RETAIN_ES] = c["retain_eval_split"]
+    data = {split: rows[: c["max_samples"]] for split, rows in data.items()}
+    log.info("loaded %s from %s", ", ".join(f"{len(rows)} {names[s]}" for s, rows in data.items()),
+             c["data_path"] or "the hub")
+    return data
+
+
+def retain_truth_ratios(path: str, forget_split: str, questions: list[str]) -> list[float]:
+    """The retain model's raw forget-split truth ratios, checked to be for the same questions as this run."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"retain_result={path} does not exist; expected the retain model's eval JSON")
+    try:
+        other = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"retain_result={path} is not valid JSON ({err.msg})") from None
+    theirs = other.get("config", {}).get("forget_split")
+    if theirs != forget_split:
+        raise ConfigError(f"retain_result={path} evaluates forget_split={theirs}, but this run evaluates "
+                          f"forget_split={forget_split}; forget quality compares the same forget split")
+    forget = other.get("per_sample", {}).get("forget", {})
+    if "truth_ratio" not in forget:
+        raise ConfigError(f"retain_result={path} has no forget-split truth ratios (run it with `forget` in splits)")
+    if len(forget["question"]) != len(questions):
+        raise ConfigError(f"retain_result={path} has {len(forget['question'])} {forget_split} samples, but this run "
+                          f"has {len(questions)}; use the same data_path and max_samples for both")
+    if forget["question"] != questions:
+        raise ConfigError(f"retain_result={path} scores other {forget_split} questions than this run; "
+                          f"use the same data_path for both")
+    log.info("forget quality against the retain model's results in %s", path)
+    return forget["truth_ratio"]
+
+
+def cached_result(out: Path, c: dict[str, Any], fingerprint: str | None) -> dict[str, Any] | None:
+    """The existing JSON at `out` if it was computed from this model and config, else None (with the reason logged)."""
+    if c["overwrite"] or not out.is_file():
+        return None
+    if fingerprint is None:
+        log.info("not reusing %s: the model files of %s cannot be fingerprinted", out, c["resolved_model_path"])
+        return None
+    try:
+        old = json.loads(out.read_text())
+    except json.JSONDecodeError:
+        log.warning("not reusing %s: it is not valid JSON", out)
+        return None
+    if old.get("format_version") != FORMAT_VERSION or old.get("model", {}).get("fingerprint") != fingerprint:
+        log.info("not reusing %s: it was computed from other model files or an older evaluator", out)
+        return None
+    if _cache_view(old.get("config", {})) != _cache_view(c):
+        log.info("not reusing %s: it was computed with another config", out)
+        return None
+    return old
+
+
+def _cache_view(c: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in c.items() if k not in NOT_CACHE_KEYS}
+
+
+def evaluate(cfg: DictConfig) -> Path:
+    """Run the evaluation the config describes (every rank) and write its JSON (rank 0); returns the JSON's path."""
+    _, world_size, device = init_distributed()
+    setup_logging()
+    c = resolve(cfg)
+    seed_everything(c["seed"])
+    c["resolved_model_path"] = resolve_model_path(c["model_family"], c["model_path"], c["data_path"])
+    out = output_file(c)
+    check_writable(out.parent)
+    data = load_data(c)
+    reference = None
+    if c["retain_result"]:
+        reference = retain_truth_ratios(c["retain_result"], c["forget_split"], [r["question"] for r in data["forget"]])
+    fingerprint = model_fingerprint(c["resolved_model_path"]) if is_main() else None
+    cached = cached_result(out, c, fingerprint) if is_main() else None
+
+    if broadcast_object(cached is not None):
+        if not is_main():
+            return out
+        per_sample, timing = cached["per_sample"], cached["timing"]
+        log.info("reusing the per-sample results in %s (same model files and config); recomputing the summary", out)
+    else:
+        family = family_config(c["model_family"])
+        tokenizer = load_tokenizer(c["model_family"], c["resolved_model_path"])
+        model = load_model(c["resolved_model_path"], device)
+        settings = EvalSettings(**{k: c[k] for k in ("batch_size", "generation_batch_size", "max_new_tokens",
+                                                     "max_length", "es_convention")})
+        log.info("evaluating %s on %s with %d process(es)", c["resolved_model_path"], ", ".join(data), world_size)
+        per_sample, timing = run_evaluation(model, tokenizer, family, data, settings)
+        if not is_main():
+            return out
+
+    summary = summarize(per_sample, reference)
+    write_json(out, {"format_version": FORMAT_VERSION, "config": c,
+                     "model": {"path": c["resolved_model_path"], "fingerprint": fingerprint},
+                     "summary": summary, "timing": timing, "per_sample": per_sample})
+    log.info("summary: %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items() if v is not None))
+    log.info("wrote %s", out)
+    return out
+
+
+@hydra.main(version_base=None, config_path="config", config_name="eval_tofu")
+def main(cfg: DictConfig) -> None:
+    run_main(lambda: evaluate(cfg))
+
+
+if __name__ == "__main__":
+    main()

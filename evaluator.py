@@ -1,0 +1,348 @@
+"""Batched TOFU evaluation with a model: answer likelihoods, greedy generations and extraction strength, per split.
+
+Formulas live in metrics.py and the QA -> token ids conversion in dataloader.encode_qa; this module runs the model
+efficiently (length-grouped batches, sharded across torchrun ranks) and assembles the per-sample values.
+
+A batch plan depends only on the data and the batch size, and ranks take whole batches of it, so every sample is
+computed in the same padded batch whatever the number of processes: 1 and N processes give the same numbers.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+import metrics as M
+from dataloader import IGNORE_INDEX, encode_qa, pad_batch
+from runtime import is_main, rank, world_size
+
+log = logging.getLogger("loc_unlearn")
+
+T = TypeVar("T")
+
+# The four TOFU evaluations: the forget and retain splits (paraphrased + perturbed answers) and the two
+# general-knowledge splits (perturbed answers only).
+SPLITS = ("forget", "retain", "real_authors", "world_facts")
+FACTUAL_SPLITS = ("real_authors", "world_facts")
+SPLIT_DATA = {"retain": "retain_perturbed", "real_authors": "real_authors_perturbed",
+              "world_facts": "world_facts_perturbed"}
+# Per-sample values kept for a split whose ES is computed apart from its TOFU metrics.
+RETAIN_ES = "retain_es"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = 32              # sequences per scoring forward pass (per process)
+    generation_batch_size: int = 128  # prompts per generate() call (per process)
+    max_new_tokens: int = 200
+    max_length: int = 256             # prompt + answer tokens when scoring (answers are truncated)
+    es_convention: str = "paper"
+
+
+@dataclass
+class AnswerScores:
+    mean_nll: list[float]     # mean token NLL over the answer tokens, per sample
+    n_tokens: list[int]       # answer tokens scored, per sample
+    es: list[float] | None    # extraction strength, per sample, when requested
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, so memory trouble shows at once).
+
+    Batch sizes differ by at most one (400 items at 128 give 4 x 100, not 3 x 128 + 16): a small leftover batch
+    would pay a whole generation's per-step cost for a few prompts.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n_batches = math.ceil(len(order) / batch_size)
+    batches, start = [], 0
+    for b in range(n_batches):
+        size = len(order) // n_batches + (b < len(order) % n_batches)
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def map_batches(batches: list[list[int]], fn: Callable[[list[int]], Sequence[T]], desc: str) -> list[T]:
+    """fn over the batches, this rank taking every world_size-th one; all ranks get every result, in index order."""
+    local: dict[int, T] = {}
+    for batch in tqdm(batches[rank()::world_size()], desc=desc, disable=not is_main(), leave=False):
+        local.update(zip(batch, fn(batch)))
+    if world_size() > 1:
+        parts: list[dict[int, T] | None] = [None] * world_size()
+        dist.all_gather_object(parts, local)
+        local = {i: v for part in parts for i, v in part.items()}
+    return [local[i] for i in range(len(local))]
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.inference_mode()
+def score_answers(model: torch.nn.Module, encodings: Sequence[dict[str, list[int]]], batch_size: int,
+                  es_convention: str | None = None, desc: str = "scoring") -> AnswerScores:
+    """Teacher-forced answer NLL per sample (and extraction strength, from the same forward pass, if asked)."""
+    for i, e in enumerate(encodings):
+        if all(label == IGNORE_INDEX for label in e["labels"]):
+            raise ValueError(f"encoding {i} has no answer tokens to score")
+    device = _device(model)
+    model.eval()
+
+    keeps_logits = _accepts_logits_to_keep(model)
+
+    def run(idx: list[int]) -> list[tuple[float, int, float | None]]:
+        # Right padding sits after every scored position and causal attention never looks ahead, so the pad id
+        # is irrelevant: 0 exists in every vocabulary.
+        batch = pad_batch([encodings[i] for i in idx], pad_id=0)
+        labels = batch["labels"][:, 1:].to(device)
+        answer = labels != IGNORE_INDEX
+        # Logits are needed only at the positions that predict an answer token; HF models project just those rows
+        # onto the vocabulary (a boolean logits_to_keep), in row-major order like answer.nonzero().
+        keep = torch.nn.functional.pad(answer, (0, 1))
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        if keeps_logits:
+            picked = model(**inputs, logits_to_keep=keep).logits
+        else:
+            picked = model(**inputs).logits[keep]
+        picked = picked.float()
+        targets = labels[answer]
+        best = picked.amax(-1)
+        target_logit = picked.gather(-1, targets[:, None]).squeeze(-1)
+        # log-sum-exp in place on this float32 copy: no full-vocabulary log-softmax is ever materialised.
+        log_norm = best + picked.sub_(best[:, None]).exp_().sum(-1).log()
+        token_nll = log_norm - target_logit
+        rows = answer.nonzero()[:, 0]
+        nll_sum = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, token_nll.double())
+        counts = answer.sum(1)
+        mean_nll = (nll_sum / counts).tolist()
+        es: list[float | None] = [None] * len(idx)
+        if es_convention is not None:
+            # The greedy prediction is right when the target attains the maximum logit (a tie counts as right).
+            correct = torch.zeros_like(answer)
+            correct[answer] = target_logit >= best
+            es = M.extraction_strength_batch(correct.cpu().numpy(), answer.cpu().numpy(), es_convention).tolist()
+        return list(zip(mean_nll, counts.tolist(), es))
+
+    results = map_batches(length_batches([len(e["input_ids"]) for e in encodings], batch_size), run, desc)
+    return AnswerScores(
+        mean_nll=[float(r[0]) for r in results],
+        n_tokens=[int(r[1]) for r in results],
+        es=[float(r[2]) for r in results] if es_convention is not None else None,
+    )
+
+
+def answer_nll(model: torch.nn.Module, encodings: Sequence[dict[str, list[int]]],
+               batch_size: int) -> tuple[list[float], list[int]]:
+    """Per-sample mean token NLL over the answer tokens (labels != IGNORE_INDEX), and the number of those tokens."""
+    scores = score_answers(model, encodings, batch_size)
+    return scores.mean_nll, scores.n_tokens
+
+
+def extraction_strengths(model: torch.nn.Module, encodings: Sequence[dict[str, list[int]]], batch_size: int,
+                         convention: str = "paper") -> list[float]:
+    """Per-sample extraction strength from one teacher-forced forward pass over question + answer."""
+    return score_answers(model, encodings, batch_size, es_convention=convention, desc="extraction strength").es
+
+
+def prompt_ids(encoding: dict[str, list[int]]) -> list[int]:
+    """The prompt part of an encode_qa encoding: the tokens before the first answer label."""
+    start = next((i for i, label in enumerate(encoding["labels"]) if label != IGNORE_INDEX), len(encoding["labels"]))
+    return encoding["input_ids"][:start]
+
+
+@torch.inference_mode()
+def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
+                     batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of the prompts (token ids), left-padded and batched by prompt length, decoded."""
+    device = _device(model)
+    model.eval()
+    # A fresh config, so a model's sampling defaults (temperature, top_p, extra stop ids) never leak in. A static
+    # KV cache is preallocated instead of grown by concatenation every step (~30% faster on CPU); auto-compilation,
+    # which HF would start for it on GPUs, would recompile for every batch shape.
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
+                              cache_implementation="static", disable_compile=True,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    def run(idx: list[int]) -> list[str]:
+        batch = pad_batch([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_token_id, left=True)
+        out = model.generate(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device), generation_config=config)
+        return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    return map_batches(length_batches([len(p) for p in prompts], batch_size), run, "generating")
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+            settings: EvalSettings, question: str, answer: str) -> dict[str, list[int]]:
+    return encode_qa(tokenizer, family, question, answer, settings.max_length)
+
+
+def _score_variants(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+                    rows: Sequence[dict], keys: Sequence[str], settings: EvalSettings,
+                    with_es: bool, desc: str) -> tuple[list[list[float]], list[float] | None]:
+    """P(answer variant) for every variant of every row, in one pool of length-grouped batches.
+
+    keys name the fields holding one answer (str) or several (list); returns, per row, the probabilities in key
+    order (lists flattened), and the ES of each row's first variant when with_es.
+    """
+    encodings, starts = [], []
+    for row in rows:
+        starts.append(len(encodings))
+        for key in keys:
+            for text in ([row[key]] if isinstance(row[key], str) else row[key]):
+                encodings.append(_encode(tokenizer, family, settings, row["question"], text))
+    scores = score_answers(model, encodings, settings.batch_size, settings.es_convention if with_es else None, desc)
+    p = M.answer_prob(scores.mean_nll).tolist()
+    probs = [p[a:b] for a, b in zip(starts, [*starts[1:], len(p)])]
+    es = [scores.es[j] for j in starts] if with_es else None
+    return probs, es
+
+
+def score_perturbed_split(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+                          rows: Sequence[dict], settings: EvalSettings, kind: str,
+                          with_es: bool = False) -> dict[str, list]:
+    """Teacher-forced metrics of a forget or retain split (rows with answer, paraphrased_answer, perturbed_answer).
+
+    kind: "forget" scores the truth ratio r as min(r, 1/r), "retain" as max(0, 1 - r).
+    """
+    keys = ("answer", "paraphrased_answer", "perturbed_answer")
+    probs, es = _score_variants(model, tokenizer, family, rows, keys, settings, with_es, f"scoring {kind}")
+    p_answer = [p[0] for p in probs]
+    p_para = [p[1] for p in probs]
+    p_pert = [p[2:] for p in probs]
+    # Rows may hold different numbers of perturbed answers, so the ratio is taken row by row.
+    ratio = [float(M.truth_ratio([a], [b])[0]) for a, b in zip(p_para, p_pert)]
+    out = {
+        "question": [row["question"] for row in rows],
+        "prob": p_answer,
+        "paraphrased_prob": p_para,
+        "perturbed_prob": p_pert,
+        "truth_ratio": ratio,
+        "truth_ratio_score": [float(s) for s in M.truth_ratio_score(ratio, kind)],
+    }
+    if with_es:
+        out["es"] = es
+    return out
+
+
+def score_factual_split(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+                        rows: Sequence[dict], settings: EvalSettings, desc: str = "scoring") -> dict[str, list]:
+    """Teacher-forced metrics of real authors / world facts (rows with answer and perturbed_answer).
+
+    Probability is P(answer) normalised over the answer and its perturbations; with no paraphrase, the truth
+    ratio compares the perturbed answers with the answer itself and scores max(0, 1 - r).
+    """
+    probs, _ = _score_variants(model, tokenizer, family, rows, ("answer", "perturbed_answer"), settings, False,
+                               desc)
+    p_answer = [p[0] for p in probs]
+    p_pert = [p[1:] for p in probs]
+    ratio = [float(M.truth_ratio([a], [b])[0]) for a, b in zip(p_answer, p_pert)]
+    return {
+        "question": [row["question"] for row in rows],
+        "prob": [float(M.normalized_true_prob([a], [b])[0]) for a, b in zip(p_answer, p_pert)],
+        "answer_prob": p_answer,
+        "perturbed_prob": p_pert,
+        "truth_ratio": ratio,
+        "truth_ratio_score": [float(s) for s in M.truth_ratio_score(ratio, "retain")],
+    }
+
+
+def evaluate_split(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+                   split: str, rows: Sequence[dict], settings: EvalSettings, with_es: bool = False) -> dict[str, list]:
+    """All per-sample TOFU metrics of one split (see SPLITS): probabilities, truth ratio, greedy generation, ROUGE-L
+    recall against the answer, and (with_es, forget/retain only) extraction strength."""
+    if split in FACTUAL_SPLITS:
+        if with_es:
+            raise ValueError(f"extraction strength is computed on the forget and retain splits, not {split}")
+        out = score_factual_split(model, tokenizer, family, rows, settings, f"scoring {split}")
+    elif split in ("forget", "retain"):
+        out = score_perturbed_split(model, tokenizer, family, rows, settings, split, with_es)
+    else:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    prompts = [prompt_ids(_encode(tokenizer, family, settings, row["question"], row["answer"])) for row in rows]
+    out["generation"] = generate_answers(model, tokenizer, prompts, settings.generation_batch_size,
+                                         settings.max_new_tokens)
+    out["rouge_l_recall"] = [float(s) for s in M.rouge_l_recall(out["generation"], [row["answer"] for row in rows])]
+    return out
+
+
+def evaluate_es(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+                rows: Sequence[dict], settings: EvalSettings) -> dict[str, list]:
+    """Extraction strength of (question, answer) rows, for a retain evaluation split other than retain_perturbed."""
+    encodings = [_encode(tokenizer, family, settings, row["question"], row["answer"]) for row in rows]
+    return {"question": [row["question"] for row in rows],
+            "es": extraction_strengths(model, encodings, settings.batch_size, settings.es_convention)}
+
+
+def run_evaluation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+                   data: dict[str, Sequence[dict]],
+                   settings: EvalSettings) -> tuple[dict[str, dict[str, list]], dict[str, dict[str, float]]]:
+    """Evaluate every split in `data` (keys from SPLITS, plus RETAIN_ES for a separate Retain Strength split).
+
+    ES comes with the forget split, and with the retain split unless RETAIN_ES is given. Returns the per-sample
+    values per split and the timing (seconds, samples, samples/s) per split.
+    """
+    per_sample: dict[str, dict[str, list]] = {}
+    timing: dict[str, dict[str, float]] = {}
+    for split, rows in data.items():
+        start = time.perf_counter()
+        if split == RETAIN_ES:
+            per_sample[split] = evaluate_es(model, tokenizer, family, rows, settings)
+        else:
+            with_es = split == "forget" or (split == "retain" and RETAIN_ES not in data)
+            per_sample[split] = evaluate_split(model, tokenizer, family, split, rows, settings, with_es)
+        seconds = time.perf_counter() - start
+        timing[split] = {"seconds": seconds, "samples": len(rows), "samples_per_s": len(rows) / seconds}
+        log.info("evaluated %s: %d samples in %.1f s (%.1f samples/s)", split, len(rows), seconds, len(rows) / seconds)
+    return per_sample, timing
+
+
+SUMMARY_KEYS = (
+    "forget_quality", "log10_forget_quality", "model_utility", "forget_strength", "retain_strength",
+    "forget_prob", "forget_rouge", "forget_truth_ratio", "retain_prob", "retain_rouge", "retain_truth_ratio",
+    "ra_prob", "ra_rouge", "ra_truth_ratio", "wf_prob", "wf_rouge", "wf_truth_ratio",
+)
+_PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
+
+
+def summarize(per_sample: dict[str, dict[str, list]],
+              retain_truth_ratios: Sequence[float] | None = None) -> dict[str, float | None]:
+    """The split-level numbers (means of the per-sample values) and the aggregates; None where an input is missing.
+
+    retain_truth_ratios: the retain model's raw forget-split truth ratios, for forget quality.
+    """
+    summary: dict[str, float | None] = dict.fromkeys(SUMMARY_KEYS)
+    for split, prefix in _PREFIX.items():
+        if split in per_sample:
+            values = per_sample[split]
+            summary[f"{prefix}_prob"] = float(np.mean(values["prob"]))
+            summary[f"{prefix}_rouge"] = float(np.mean(values["rouge_l_recall"]))
+            summary[f"{prefix}_truth_ratio"] = float(np.mean(values["truth_ratio_score"]))
+    utility = [summary[f"{p}_{m}"] for p in ("retain", "ra", "wf") for m in ("prob", "rouge", "truth_ratio")]
+    if all(v is not None for v in utility):
+        summary["model_utility"] = M.model_utility(utility)
+    if "forget" in per_sample:
+        summary["forget_strength"] = M.forget_strength(per_sample["forget"]["es"])
+        if retain_truth_ratios is not None:
+            fq = M.forget_quality(per_sample["forget"]["truth_ratio"], retain_truth_ratios)
+            summary["forget_quality"] = fq
+            summary["log10_forget_quality"] = float(np.log10(fq)) if fq > 0 else float("-inf")
+    es_retain = per_sample.get(RETAIN_ES, per_sample.get("retain", {})).get("es")
+    if es_retain is not None:
+        summary["retain_strength"] = M.retain_strength(es_retain)
+    return summary

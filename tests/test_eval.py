@@ -1,0 +1,363 @@
+"""evaluator.py and eval_tofu.py: hand-computed probabilities, truth ratios and ES from a stub bigram model, batching
+and padding invariance, left-padded generation, and the entry point end to end (JSON, reuse, forget quality,
+torchrun)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+import evaluator as E
+import metrics as M
+from dataloader import encode_qa, load_tofu
+from eval_tofu import evaluate
+from models import family_config, load_model, load_tokenizer, tiny_model_path
+from runtime import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+TOFU_DIR = Path(os.environ.get("TOFU_DIR", REPO / ".." / "shared" / "data" / "tofu"))
+DATA = str(TOFU_DIR.resolve()) if TOFU_DIR.is_dir() else "synthetic"
+# Small enough to keep every run of the entry point to a few seconds on 2 CPU cores.
+SMALL = ["forget_split=forget01", "max_samples=6", "max_new_tokens=8", "batch_size=4", "generation_batch_size=2",
+         f"data_path={DATA}"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: on a shared 2-core machine a second busy-waiting thread only slows them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- A stub model with a known next-token table ----
+
+WORDS = ["<pad>", "</s>", "Question:", "Answer:", "q", "x", "y", "z"]
+ID = {w: i for i, w in enumerate(WORDS)}
+
+
+def _row(named: dict[str, float]) -> list[float]:
+    """A next-token distribution: the named probabilities, the rest of the mass spread evenly over the other words."""
+    rest = (1.0 - sum(named.values())) / (len(WORDS) - len(named))
+    return [named.get(w, rest) for w in WORDS]
+
+
+# P(next | previous); unlisted previous tokens predict uniformly. Argmax: Answer: -> x -> y -> </s>, z -> </s>.
+TABLE = {
+    "Answer:": _row({"x": 1 / 2, "y": 1 / 8, "z": 1 / 8}),
+    "x": _row({"y": 1 / 2, "</s>": 1 / 4}),
+    "y": _row({"</s>": 1 / 2, "x": 1 / 4}),
+    "z": _row({"</s>": 1 / 2, "z": 1 / 4}),
+}
+
+
+class BigramStub(torch.nn.Module):
+    """Logits depend only on the previous token: log P(next | previous) from TABLE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        probs = torch.full((len(WORDS), len(WORDS)), 1 / len(WORDS), dtype=torch.float64)
+        for word, row in TABLE.items():
+            probs[ID[word]] = torch.tensor(row, dtype=torch.float64)
+        self.log_probs = torch.nn.Parameter(probs.log().float(), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.log_probs[input_ids])
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per word; no chat template, so the prompt is "Question: q\\nAnswer: " -> [Question:, q, Answer:]."""
+    tokenizer = Tokenizer(tok_models.WordLevel(ID, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
+
+
+STUB_FAMILY: dict = {"date_string": None}
+STUB = E.EvalSettings(batch_size=3, max_length=32)
+
+
+def test_answer_nll_by_hand(word_tokenizer):
+    # "x y" scores x|Answer:, y|x and </s>|y, each 1/2: mean NLL ln 2 over 3 tokens.
+    # "z z" scores 1/8 * 1/4 * 1/2 = 2^-6 over 3 tokens: mean NLL 2 ln 2.
+    enc = [encode_qa(word_tokenizer, STUB_FAMILY, "q", a, 32) for a in ("x y", "z z", "z")]
+    nll, n = E.answer_nll(BigramStub(), enc, batch_size=2)
+    assert n == [3, 3, 2]
+    np.testing.assert_allclose(nll, [math.log(2), 2 * math.log(2), 2 * math.log(2)], rtol=1e-6)
+
+
+def test_perturbed_split_probability_and_truth_ratio_by_hand(word_tokenizer):
+    # P("x y") = (1/2 * 1/2 * 1/2)^(1/3) = 1/2          P("y x") = (1/8 * 1/4 * 1/4)^(1/3) = 2^(-7/3)
+    # P("z") = (1/8 * 1/2)^(1/2) = 1/4                   P("z z") = (1/8 * 1/4 * 1/2)^(1/3) = 1/4
+    rows = [
+        # r = geomean(1/4, 1/4) / P("y x") = 2^(-2 + 7/3) = 2^(1/3)
+        {"question": "q", "answer": "x y", "paraphrased_answer": "y x", "perturbed_answer": ["z", "z z"]},
+        # r = (1/4) / P("x y") = 1/2
+        {"question": "q", "answer": "y x", "paraphrased_answer": "x y", "perturbed_answer": ["z", "z z"]},
+    ]
+    forget = E.score_perturbed_split(BigramStub(), word_tokenizer, STUB_FAMILY, rows, STUB, "forget")
+    np.testing.assert_allclose(forget["prob"], [1 / 2, 2 ** (-7 / 3)], rtol=1e-6)
+    np.testing.assert_allclose(forget["paraphrased_prob"], [2 ** (-7 / 3), 1 / 2], rtol=1e-6)
+    np.testing.assert_allclose(forget["perturbed_prob"], [[1 / 4, 1 / 4]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(forget["truth_ratio"], [2 ** (1 / 3), 1 / 2], rtol=1e-6)
+    # forget: min(r, 1/r); retain: max(0, 1 - r)
+    np.testing.assert_allclose(forget["truth_ratio_score"], [2 ** (-1 / 3), 1 / 2], rtol=1e-6)
+    retain = E.score_perturbed_split(BigramStub(), word_tokenizer, STUB_FAMILY, rows, STUB, "retain")
+    np.testing.assert_allclose(retain["truth_ratio_score"], [0.0, 1 / 2], atol=1e-6)
+
+
+def test_factual_split_normalized_probability_and_truth_ratio_by_hand(word_tokenizer):
+    rows = [{"question": "q", "answer": "x y", "perturbed_answer": ["z", "y x"]}]
+    out = E.score_factual_split(BigramStub(), word_tokenizer, STUB_FAMILY, rows, STUB)
+    # Probability: 1/2 / (1/2 + 1/4 + 2^(-7/3)), not the raw 1/2.
+    np.testing.assert_allclose(out["prob"], [0.5 / (0.5 + 0.25 + 2 ** (-7 / 3))], rtol=1e-6)
+    np.testing.assert_allclose(out["answer_prob"], [0.5], rtol=1e-6)
+    # The answer stands in for the paraphrase: r = sqrt(1/4 * 2^(-7/3)) / (1/2) = 2^(-7/6); score 1 - r.
+    np.testing.assert_allclose(out["truth_ratio"], [2 ** (-7 / 6)], rtol=1e-6)
+    np.testing.assert_allclose(out["truth_ratio_score"], [1 - 2 ** (-7 / 6)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("convention, expected", [
+    # "x y": Answer:->x, x->y, y->EOS all greedy: reproduced from the question alone, ES 1.
+    # "y x": no answer token is the greedy one: ES 0 (open-unlearning: 1/n = 1/3, as the last token is wrong).
+    # "x z": right, wrong (x->y), right (z->EOS): k = 2 of n = 3, ES 1/3.   "z": wrong, right: ES 1 - 1/2.
+    ("paper", [1.0, 0.0, 1 / 3, 1 / 2]),
+    ("open_unlearning", [1.0, 1 / 3, 1 / 3, 1 / 2]),
+])
+def test_extraction_strength_by_hand(word_tokenizer, convention, expected):
+    enc = [encode_qa(word_tokenizer, STUB_FAMILY, "q", a, 32) for a in ("x y", "y x", "x z", "z")]
+    np.testing.assert_allclose(E.extraction_strengths(BigramStub(), enc, 3, convention), expected)
+
+
+def test_forget_split_es_comes_with_the_answer_scores(word_tokenizer):
+    rows = [{"question": "q", "answer": a, "paraphrased_answer": "x y", "perturbed_answer": ["z"]}
+            for a in ("x y", "y x", "x z")]
+    out = E.score_perturbed_split(BigramStub(), word_tokenizer, STUB_FAMILY, rows, STUB, "forget", with_es=True)
+    np.testing.assert_allclose(out["es"], [1.0, 0.0, 1 / 3])
+
+
+def test_length_batches_are_even_sorted_and_complete():
+    batches = E.length_batches([5, 1, 9, 3, 7, 2, 8], 3)
+    assert [len(b) for b in batches] == [3, 2, 2]
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert batches[0] == [2, 6, 4]  # longest first
+    assert E.length_batches([], 4) == []
+    assert [len(b) for b in E.length_batches(list(range(400)), 128)] == [100] * 4
+
+
+# ---- The tiny Llama ----
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, Path]:
+    path = tiny_model_path(DATA)
+    return load_model(str(path), torch.device("cpu")), load_tokenizer("tiny", str(path)), path
+
+
+def _encodings(tokenizer, n: int) -> list[dict[str, list[int]]]:
+    rows = load_tofu("forget01_perturbed", DATA)[:n]
+    family = family_config("tiny")
+    return [encode_qa(tokenizer, family, r["question"], a, 256)
+            for r in rows for a in (r["answer"], r["paraphrased_answer"])]
+
+
+def test_batched_scoring_equals_one_at_a_time_and_full_log_softmax(tiny):
+    model, tokenizer, _ = tiny
+    enc = _encodings(tokenizer, 5)
+    assert len({len(e["input_ids"]) for e in enc}) > 1  # padding really happens
+    batched = E.score_answers(model, enc, batch_size=4, es_convention="paper")
+    single = E.score_answers(model, enc, batch_size=1, es_convention="paper")
+    np.testing.assert_allclose(batched.mean_nll, single.mean_nll, atol=1e-5)
+    assert batched.n_tokens == single.n_tokens and batched.es == single.es
+    # Independent reference: the full-vocabulary log-softmax of an unpadded forward pass.
+    for e, nll in zip(enc, batched.mean_nll):
+        ids, labels = torch.tensor([e["input_ids"]]), torch.tensor(e["labels"][1:])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        answer = labels != -100
+        assert nll == pytest.approx(-logp[answer].gather(-1, labels[answer, None]).mean().item(), abs=1e-5)
+
+
+def test_left_padded_batched_generation_equals_unbatched(tiny):
+    model, tokenizer, _ = tiny
+    prompts = [E.prompt_ids(e) for e in _encodings(tokenizer, 6)[::2]]
+    assert len({len(p) for p in prompts}) > 1
+    batched = E.generate_answers(model, tokenizer, prompts, batch_size=6, max_new_tokens=12)
+    single = [E.generate_answers(model, tokenizer, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]
+    assert batched == single
+    assert all(g.strip() for g in batched)
+
+
+# ---- eval_tofu.py ----
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """evaluate() points the root logger at this test's captured stdout; put the old handlers back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def run_eval(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
+        cfg = compose("eval_tofu", overrides=list(overrides))
+    return json.loads(evaluate(cfg).read_text())
+
+
+def run_torchrun(*args: str, nproc: int) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    # One thread per process, like these tests' in-process runs, so both run the same kernels.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, "eval_tofu.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tiny, tmp_path_factory) -> tuple[Path, Path]:
+    """Two tiny models with the same tokenizer and different weights, in writable directories."""
+    path = tiny[2]
+    root = tmp_path_factory.mktemp("models")
+    a, b = root / "a", root / "b"
+    shutil.copytree(path, a, ignore=shutil.ignore_patterns("eval_results"))
+    shutil.copytree(a, b)
+    other = LlamaForCausalLM.from_pretrained(a)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(1.5)
+    other.save_pretrained(b)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def full_result(model_dirs, tmp_path_factory) -> dict:
+    """One evaluation of model a on all four splits (also the single-process reference for torchrun)."""
+    return run_eval(f"model_path={model_dirs[0]}", f"output_dir={tmp_path_factory.mktemp('full')}", *SMALL)
+
+
+def test_eval_writes_every_summary_key_and_consistent_per_sample_values(full_result):
+    summary = full_result["summary"]
+    assert set(E.SUMMARY_KEYS) <= set(summary)
+    assert summary["forget_quality"] is None and summary["log10_forget_quality"] is None
+    assert all(summary[k] is not None for k in E.SUMMARY_KEYS if "forget_quality" not in k)
+    timing = full_result["timing"]
+    assert set(timing) == set(E.SPLITS) and all(t["samples_per_s"] > 0 for t in timing.values())
+    per = full_result["per_sample"]
+    rows = {"forget": load_tofu("forget01_perturbed", DATA)[:6],
+            "real_authors": load_tofu("real_authors_perturbed", DATA)[:6]}
+    for split, split_rows in rows.items():
+        assert per[split]["question"] == [r["question"] for r in split_rows]
+        assert all(len(v) == 6 for v in per[split].values())
+        np.testing.assert_allclose(per[split]["rouge_l_recall"],
+                                   M.rouge_l_recall(per[split]["generation"], [r["answer"] for r in split_rows]))
+    forget = per["forget"]
+    np.testing.assert_allclose(forget["truth_ratio"],
+                               M.truth_ratio(forget["paraphrased_prob"], forget["perturbed_prob"]))
+    assert summary["forget_prob"] == pytest.approx(np.mean(forget["prob"]))
+    assert summary["forget_truth_ratio"] == pytest.approx(np.mean(M.truth_ratio_score(forget["truth_ratio"], "forget")))
+    assert summary["retain_strength"] == pytest.approx(np.mean(per["retain"]["es"]))
+    assert summary["forget_strength"] == pytest.approx(1 - np.mean(forget["es"]))
+    assert full_result["config"]["resolved_model_path"].endswith("/a")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(full_result, model_dirs, tmp_path):
+    run_torchrun(f"model_path={model_dirs[0]}", f"output_dir={tmp_path}", *SMALL, nproc=2)
+    two = json.loads((tmp_path / "eval_forget01.json").read_text())["per_sample"]
+    one = full_result["per_sample"]
+    assert two.keys() == one.keys()
+    for split in one:
+        for key, values in one[split].items():
+            if key in ("question", "generation"):
+                assert two[split][key] == values, (split, key)
+            else:
+                np.testing.assert_allclose(two[split][key], values, rtol=1e-6, atol=1e-6, err_msg=f"{split}.{key}")
+
+
+def test_rerun_reuses_per_sample_values_and_applies_a_new_retain_result(model_dirs, tmp_path, capsys):
+    args = (f"model_path={model_dirs[0]}", f"output_dir={tmp_path}", *SMALL, "splits=[forget,retain]")
+    start = time.perf_counter()
+    first = run_eval(*args)
+    first_s = time.perf_counter() - start
+    capsys.readouterr()
+    start = time.perf_counter()
+    second = run_eval(*args)
+    assert time.perf_counter() - start < first_s
+    assert "reusing the per-sample results" in capsys.readouterr().out
+    assert second == first
+    assert first["summary"]["model_utility"] is None and first["summary"]["ra_prob"] is None
+
+    # The model against its own results: identical truth-ratio samples, KS p-value 1.
+    own = tmp_path / "own.json"
+    shutil.copy(tmp_path / "eval_forget01.json", own)
+    third = run_eval(*args, f"retain_result={own}")
+    assert "reusing the per-sample results" in capsys.readouterr().out
+    assert third["per_sample"] == first["per_sample"]
+    assert third["summary"]["forget_quality"] == pytest.approx(1.0)
+    assert third["summary"]["log10_forget_quality"] == pytest.approx(0.0)
+
+
+def test_other_model_files_are_never_served_from_the_cache(model_dirs, tmp_path, capsys):
+    a, b = model_dirs
+    args = (f"output_dir={tmp_path}", *SMALL, "splits=[forget]", "max_new_tokens=2")
+    first = run_eval(f"model_path={a}", *args)
+    capsys.readouterr()
+    # Another model_path writing to the same JSON.
+    other = run_eval(f"model_path={b}", *args)
+    assert "reusing the per-sample" not in capsys.readouterr().out
+    assert other["per_sample"]["forget"]["prob"] != first["per_sample"]["forget"]["prob"]
+    # The same model_path whose weights were replaced (b's weights copied over a copy of a).
+    c = tmp_path / "c"
+    shutil.copytree(a, c)
+    run_eval(f"model_path={c}", *args)
+    shutil.copy(b / "model.safetensors", c / "model.safetensors")
+    capsys.readouterr()
+    replaced = run_eval(f"model_path={c}", *args)
+    assert "reusing the per-sample" not in capsys.readouterr().out
+    np.testing.assert_allclose(replaced["per_sample"]["forget"]["prob"], other["per_sample"]["forget"]["prob"])
+
+
+def test_unknown_forget_split_is_a_config_error(model_dirs, tmp_path):
+    with pytest.raises(ConfigError, match="forget_split='forget20'.*forget01"):
+        run_eval(f"model_path={model_dirs[0]}", f"output_dir={tmp_path}", *SMALL, "forget_split=forget20")
+
+
+def test_retain_result_from_another_forget_split_or_size_is_a_config_error(model_dirs, tmp_path):
+    other = {"config": {"forget_split": "forget05"},
+             "per_sample": {"forget": {"question": ["?"] * 6, "truth_ratio": [1.0] * 6}}}
+    path = tmp_path / "retain.json"
+    path.write_text(json.dumps(other))
+    args = (f"model_path={model_dirs[0]}", f"output_dir={tmp_path}", *SMALL, f"retain_result={path}")
+    with pytest.raises(ConfigError, match="forget_split=forget05.*forget_split=forget01"):
+        run_eval(*args)
+    other["config"]["forget_split"] = "forget01"
+    other["per_sample"]["forget"] = {"question": ["?"] * 3, "truth_ratio": [1.0] * 3}
+    path.write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="has 3 forget01 samples, but this run has 6"):
+        run_eval(*args)
+
+
+def test_retain_strength_on_another_retain_eval_split(model_dirs, tmp_path):
+    result = run_eval(f"model_path={model_dirs[0]}", f"output_dir={tmp_path}", *SMALL, "splits=[retain]",
+                      "retain_eval_split=retain99", "max_new_tokens=2")
+    per = result["per_sample"]
+    assert "es" not in per["retain"]
+    assert per["retain_es"]["question"] == [r["question"] for r in load_tofu("retain99", DATA)[:6]]
+    assert result["summary"]["retain_strength"] == pytest.approx(np.mean(per["retain_es"]["es"]))
+    assert result["summary"]["forget_strength"] is None and result["summary"]["forget_prob"] is None
+    assert set(result["timing"]) == {"retain", "retain_es"}
