@@ -18,7 +18,7 @@ from dataloader import UnlearnDataset, get_loss, load_idk, load_tofu, sequence_n
 from masking import apply_lora, apply_value_vector_mask, base_model
 from models import family_config, load_model, load_tokenizer, resolve_model_path
 from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
-from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, find_final, load_plain_weights,
+from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, checkpoints, find_final, load_plain_weights,
                      load_resume_state, restore_trainable, train)
 
 log = logging.getLogger("loc_unlearn")
@@ -54,6 +54,22 @@ def run_dir(c: dict[str, Any], world_size: int) -> Path:
     return Path(c["save_root"], c["model_family"], "TOFU", "default") / leaf
 
 
+# Keys that change where or how often a run is saved, not what it computes.
+NOT_RESULT_KEYS = {"save_root", "output_dir", "save_checkpoint", "save_steps", "save_each_epoch", "deepspeed"}
+
+
+def check_same_run(out: Path, c: dict[str, Any]) -> None:
+    """Refuse to resume or skip a run directory that holds a run of another config (e.g. another seed)."""
+    existing = [p for _, p in checkpoints(out) if (p / "run_config.json").is_file()]
+    if not existing:
+        return
+    stored = json.loads((existing[-1] / "run_config.json").read_text())
+    differ = sorted(k for k in c if k not in NOT_RESULT_KEYS and stored.get(k) != c[k])
+    if differ:
+        raise ConfigError(f"{out} holds a run with other settings ({', '.join(f'{k}={stored.get(k)!r}' for k in differ)}"
+                          f"); pass another output_dir/save_root or delete it")
+
+
 @torch.no_grad()
 def reference_nll(model: torch.nn.Module, dataset: UnlearnDataset, part: str, batch_size: int,
                   device: torch.device) -> torch.Tensor:
@@ -85,6 +101,7 @@ def unlearn(cfg: DictConfig) -> None:
         raise ConfigError("forget_loss=rt_diff needs retain_model_path=<model trained on the retain split>")
     out = run_dir(c, world_size)
     check_writable(out)
+    check_same_run(out, c)
     if (final := find_final(out)) is not None:
         log.info("run already complete: %s", final)
         return

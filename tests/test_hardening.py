@@ -129,3 +129,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path
     kept = sorted((tmp_path / "runs").rglob("checkpoint-*"))
     assert kept and all(int(p.name.split("-")[1]) < step for p in kept)
     assert not any(json.loads((p / "trainer_state.json").read_text())["final"] for p in kept)
+
+
+def test_a_run_directory_of_another_config_is_not_reused(base, tmp_path, capsys):
+    out = f"output_dir={tmp_path / 'run'}"
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        unlearn.unlearn(compose(config_name="forget_tofu", overrides=[*base, out, "seed=1"]))
+    capsys.readouterr()
+    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, out, "seed=2"], capsys)
+    assert code == 2 and "holds a run with other settings (seed=1)" in line
