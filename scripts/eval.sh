@@ -79,21 +79,24 @@ read -r -a aggregate_args <<< "$AGGREGATE_ARGS"
 common=(model_family="$MODEL_FAMILY" forget_split="$FORGET_SPLIT")
 [[ -n $DATA_PATH ]] && common+=(data_path="$DATA_PATH")
 
-# Done when the JSON exists and (if a retain result is given) its forget quality was computed against that file;
-# otherwise eval_tofu.py runs again, which reuses the stored per-sample values and only redoes the summary.
-is_done() {
+# Done when the JSON exists, was computed with the same key=value settings (data, split, EVAL_ARGS) and (if a retain
+# result is given) its forget quality against that file; otherwise eval_tofu.py runs again, which reuses stored
+# per-sample values when only the retain result changed.
+is_done() {  # result retain_result key=value...
   [[ -f $1 ]] || return 1
-  [[ -z $2 ]] && return 0
-  "$PYTHON" - "$1" "$2" <<'EOF'
-import json, os, sys
-theirs = json.load(open(sys.argv[1])).get("config", {}).get("retain_result")
-sys.exit(0 if theirs and os.path.isfile(theirs) and os.path.samefile(theirs, sys.argv[2]) else 1)
+  "$PYTHON" - "$@" <<'EOF'
+import json, os, sys, yaml
+config = json.load(open(sys.argv[1])).get("config", {})
+theirs = config.get("retain_result")
+same_retain = not sys.argv[2] or (theirs and os.path.isfile(theirs) and os.path.samefile(theirs, sys.argv[2]))
+same_args = all(config.get(k) == yaml.safe_load(v) for k, v in (a.split("=", 1) for a in sys.argv[3:]))
+sys.exit(0 if same_retain and same_args else 1)
 EOF
 }
 
 evaluate() {  # $1: model directory, $2: retain result JSON or empty
   local result="$1/eval_results/eval_$FORGET_SPLIT.json" extra=()
-  if is_done "$result" "$2"; then echo "== evaluated already: $1"; return; fi
+  if is_done "$result" "$2" "${common[@]}" "${eval_args[@]}"; then echo "== evaluated already: $1"; return; fi
   echo "== evaluating $1"
   [[ -n $2 ]] && extra=(retain_result="$2")
   "${eval_cmd[@]}" "${common[@]}" model_path="$1" "${extra[@]}" "${eval_args[@]}"

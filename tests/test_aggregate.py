@@ -29,7 +29,7 @@ def summary(rs: float, fs: float, mu: float, log10_fq: float | None) -> dict:
 def write_eval(model_dir: Path, summ: dict, retain_result: str | None = None) -> None:
     path = A.eval_path(model_dir, SPLIT)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": {"forget_split": SPLIT, "retain_result": retain_result},
+    path.write_text(json.dumps({"config": {"model_family": "tiny", "forget_split": SPLIT, "retain_result": retain_result},
                                 "per_sample": {}, "summary": summ}))
 
 
@@ -239,3 +239,9 @@ def test_eval_sh_evaluates_only_missing_checkpoints_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert len(log.read_text().split()) == 4
     assert again.stdout.count("evaluated already") == 4
+
+    # Other evaluation settings make the stored results stale: everything but the retain result is redone.
+    env.update(EVAL_ARGS="max_samples=100")
+    other = subprocess.run([str(ROOT / "scripts" / "eval.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0, other.stderr
+    assert sorted(log.read_text().split()[4:]) == ["checkpoint-10", "checkpoint-5", "checkpoint-9", "theta_o"]
