@@ -35,10 +35,19 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         if c[key] is None:
             c[key] = family[key]
     c["retain_split"] = c["retain_split"] or RETAIN_OF.get(c["forget_split"], "retain90")
+    c.update(absolute_paths(c))
     if c["idk_path"] is None and c["data_path"] not in (None, "synthetic"):
         candidate = Path(c["data_path"]) / "idontknow.jsonl"
         c["idk_path"] = str(candidate) if candidate.is_file() else None
     return c
+
+
+PATH_KEYS = ("data_path", "idk_path", "model_path", "mask_path", "retain_model_path")
+
+
+def absolute_paths(c: dict[str, Any]) -> dict[str, Any]:
+    """Existing local paths made absolute, so one run is recognised whatever directory it was started from."""
+    return {k: str(Path(c[k]).resolve()) for k in PATH_KEYS if c.get(k) and Path(c[k]).exists()}
 
 
 def run_dir(c: dict[str, Any], world_size: int) -> Path:
@@ -64,6 +73,7 @@ def check_same_run(out: Path, c: dict[str, Any]) -> None:
     if not existing:
         return
     stored = json.loads((existing[-1] / "run_config.json").read_text())
+    stored.update(absolute_paths(stored))
     differ = sorted(k for k in c if k not in NOT_RESULT_KEYS and stored.get(k) != c[k])
     if differ:
         raise ConfigError(f"{out} holds a run with other settings ({', '.join(f'{k}={stored.get(k)!r}' for k in differ)}"
