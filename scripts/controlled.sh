@@ -49,9 +49,11 @@ table() {  # aggregate.py mode, title, JSON output, group arguments: print the t
   local mode=$1 title=$2 out=$3; shift 3
   { echo "### $title (seeds: $SEEDS)"; echo; "$PYTHON" aggregate.py "$mode" "$@" --out "$out"; echo; } | tee -a "$tables"
 }
-evaluate() {  # theta_o out_dir run_dir
+unlearn_and_evaluate() {  # start_model mask seed loss dir: unlearn into dir/run, trade-off scores into dir/agg
+  run unlearn.py "${common[@]}" model_path="$1" forget_split="$FORGET_SPLIT" forget_loss="$4" mask_path="$2" \
+    seed="$3" output_dir="$5/run" "${unlearn_args[@]}"
   scripts/eval.sh --theta-o "$1" --retain-model "$THETA_R" --model-family "$MODEL_FAMILY" --data-path "$DATA_PATH" \
-    --forget-split "$FORGET_SPLIT" --nproc "$NPROC" --out "$2" "$3" > "$2.log"
+    --forget-split "$FORGET_SPLIT" --nproc "$NPROC" --out "$5/agg" "$5/run" > "$5/agg.log"
 }
 
 echo "== theta_r: fine-tune on $RETAIN_SPLIT"
@@ -76,11 +78,8 @@ if [[ " $PARTS " == *" controlled "* ]]; then
     for loss in $LOSSES; do
       for region in oracle random; do
         mask=$v_tgt; [[ $region == random ]] && mask=$v_rdm
-        dir="$OUT/controlled/seed$seed/$loss/$region"
         echo "== seed $seed: $loss on the $region region"
-        run unlearn.py "${common[@]}" model_path="$theta_o" forget_split="$FORGET_SPLIT" forget_loss="$loss" \
-          mask_path="$mask" seed="$seed" output_dir="$dir/run" "${unlearn_args[@]}"
-        evaluate "$theta_o" "$dir/agg" "$dir/run"
+        unlearn_and_evaluate "$theta_o" "$mask" "$seed" "$loss" "$OUT/controlled/seed$seed/$loss/$region"
       done
     done
   done
@@ -103,10 +102,7 @@ if [[ " $PARTS " == *" methods "* ]]; then
         forget_split="$FORGET_SPLIT" mask_root="$OUT/masks_f" "${mask_args[@]}"
       mask=$(mask_file "$OUT/masks_f" "$method" normal "$seed")
       for loss in $LOSSES; do
-        dir="$OUT/methods/seed$seed/$method/$loss"
-        run unlearn.py "${common[@]}" model_path="$theta_f" forget_split="$FORGET_SPLIT" forget_loss="$loss" \
-          mask_path="$mask" seed="$seed" output_dir="$dir/run" "${unlearn_args[@]}"
-        evaluate "$theta_f" "$dir/agg" "$dir/run"
+        unlearn_and_evaluate "$theta_f" "$mask" "$seed" "$loss" "$OUT/methods/seed$seed/$method/$loss"
       done
     done
   done
