@@ -47,11 +47,6 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modu
     return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors by name (what a resume must restore beyond the saved plain weights)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights of an ordinary checkpoint: masked values written into their columns, LoRA merged."""
     if hasattr(model, "peft_config"):
