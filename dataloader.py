@@ -97,6 +97,11 @@ def _load_from_hub(name: str) -> list[dict[str, Any]]:
         ) from None
 
 
+def retain_split_for(forget_split: str) -> str:
+    """The retain split that, with `forget_split`, makes up `full` (retain90 for anything else)."""
+    return {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}.get(forget_split, "retain90")
+
+
 def load_idk(path: str | None) -> list[str]:
     """Refusal phrases (one per line, TOFU's idontknow.jsonl); a small built-in list when no file is given."""
     if not path:

@@ -14,13 +14,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from dataloader import QADataset, load_tofu
+from dataloader import QADataset, load_tofu, retain_split_for
 from mask_generator import (ATTRIBUTIONS, compute_scores, load_mask, make_meta, mask_path, model_shape,
                             random_complement, save_mask, select_top)
 from models import family_config, load_model, load_tokenizer, resolve_model_path
 from runtime import (ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything,
                      setup_logging, shard)
-from unlearn import RETAIN_OF
 
 log = logging.getLogger("loc_unlearn")
 VARIANTS = ("normal", "random_complement")
@@ -52,7 +51,7 @@ def generate(cfg: DictConfig) -> None:
     seed_everything(c["seed"])
     family = family_config(c["model_family"])
     c["max_length"] = c["max_length"] or family["max_length"]
-    c["retain_split"] = c["retain_split"] or RETAIN_OF.get(c["forget_split"], "retain90")
+    c["retain_split"] = c["retain_split"] or retain_split_for(c["forget_split"])
     out = Path(mask_path(c["mask_root"], c["attribution"], c["model_family"], c["forget_split"], c["variant"],
                          c["ratio"], c["seed"]))
     check_writable(out.parent)

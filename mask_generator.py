@@ -42,6 +42,7 @@ from torch import nn
 
 from dataloader import IGNORE_INDEX, token_nll_from_logits
 from models import decoder_layers
+from runtime import is_main
 MASK_FORMAT = "loc-unlearn-mask/1"
 
 Batch = Mapping[str, torch.Tensor]
@@ -247,15 +248,11 @@ def _scoring_scope(model: nn.Module, grad_params: Sequence[nn.Parameter] = ()) -
         model.train(was_training)
 
 
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
 def _progress(batches: Iterable[Batch], desc: str, cfg: Mapping[str, Any]) -> Iterable[Batch]:
     from tqdm.auto import tqdm
 
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    return tqdm(batches, desc=desc, total=total, disable=not (bool(cfg.get("progress", True)) and _is_main_process()))
+    return tqdm(batches, desc=desc, total=total, disable=not (bool(cfg.get("progress", True)) and is_main()))
 
 
 def _require(batches: Iterable[Batch] | None, what: str, method: str) -> Iterable[Batch]:

@@ -14,7 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dataloader import UnlearnDataset, get_loss, load_idk, load_tofu, sequence_nll
+from dataloader import UnlearnDataset, get_loss, load_idk, load_tofu, retain_split_for, sequence_nll
 from masking import apply_lora, apply_value_vector_mask, base_model
 from models import family_config, load_model, load_tokenizer, resolve_model_path
 from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
@@ -24,7 +24,6 @@ from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, check
 log = logging.getLogger("loc_unlearn")
 
 FAMILY_DEFAULTS = ("lr", "weight_decay", "epochs", "batch_size", "grad_accum", "warmup_ratio", "max_length")
-RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
@@ -34,7 +33,7 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     for key in FAMILY_DEFAULTS:
         if c[key] is None:
             c[key] = family[key]
-    c["retain_split"] = c["retain_split"] or RETAIN_OF.get(c["forget_split"], "retain90")
+    c["retain_split"] = c["retain_split"] or retain_split_for(c["forget_split"])
     c.update(absolute_paths(c))
     if c["idk_path"] is None and c["data_path"] not in (None, "synthetic"):
         candidate = Path(c["data_path"]) / "idontknow.jsonl"
