@@ -25,9 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from dataloader import load_tofu  # noqa: E402
+from dataloader import load_tofu, retain_split_for  # noqa: E402
 from models import resolve_model_path  # noqa: E402
-from unlearn import RETAIN_OF  # noqa: E402
 
 # meta-llama/Llama-3.1-8B(-Instruct), embeddings and lm_head untied: for the at-scale lines of the reports.
 LLAMA31_8B_PARAMS = 8_030_261_248
@@ -77,7 +76,7 @@ def tiny_model(model_path: str | None, data_path: str) -> str:
 def forget_retain_rows(data_path: str, forget_split: str, n_examples: int, seed: int) -> tuple[list[dict], list[dict]]:
     """The first n forget rows and a seeded random n of the complementary retain split (as generate_mask.py draws)."""
     forget = load_tofu(forget_split, data_path)[:n_examples]
-    retain_all = load_tofu(RETAIN_OF.get(forget_split, "retain90"), data_path)
+    retain_all = load_tofu(retain_split_for(forget_split), data_path)
     picked = sorted(random.Random(seed).sample(range(len(retain_all)), min(n_examples, len(retain_all))))
     return forget, [retain_all[i] for i in picked]
 
