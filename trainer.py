@@ -49,11 +49,45 @@ class TrainSettings:
     save_checkpoint: bool
     save_steps: int
     save_each_epoch: bool
+    group_by_length: bool = False
     deepspeed: str | None = None
 
     def steps_per_epoch(self, n_examples: int) -> int:
         micro = math.ceil(math.ceil(n_examples / world_size()) / self.batch_size)
         return math.ceil(micro / self.grad_accum)
+
+
+class LengthGroupedBatchSampler:
+    """This rank's batches of one epoch: examples of similar length together, the batches in random order.
+
+    Each epoch is a seeded permutation, cut into mega-batches of `megabatch` global batches that are sorted by
+    length and split into global batches (one micro-batch per rank); the global batches are then shuffled.
+    Shuffling them matters: walking each sorted mega-batch from long to short examples (as transformers'
+    LengthGroupedSampler does) slowed memorisation in fine-tuning (docs/BENCHMARKS.md). Like DistributedSampler,
+    the permutation is padded with its first examples to a multiple of the world size.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, megabatch: int = 50):
+        self.lengths, self.batch_size, self.seed, self.megabatch = lengths, batch_size, seed, megabatch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(len(self.lengths) / world_size()) / self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        order += order[: math.ceil(len(order) / world_size()) * world_size() - len(order)]
+        span = self.batch_size * world_size()
+        batches = []
+        for start in range(0, len(order), span * self.megabatch):
+            chunk = sorted(order[start:start + span * self.megabatch], key=self.lengths.__getitem__)
+            batches += [chunk[i:i + span] for i in range(0, len(chunk), span)]
+        for j in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[j][rank()::world_size()]
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -95,8 +129,12 @@ def train(
     device: torch.device = torch.device("cpu"),
 ) -> Path:
     """Train `trainable` to minimise `loss_fn` over `dataset`; return the final checkpoint directory."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=settings.seed)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, collate_fn=dataset.collate)
+    if settings.group_by_length:
+        sampler = LengthGroupedBatchSampler(dataset.lengths(), settings.batch_size, settings.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate)
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=settings.seed)
+        loader = DataLoader(dataset, batch_size=settings.batch_size, sampler=sampler, collate_fn=dataset.collate)
     steps_per_epoch = settings.steps_per_epoch(len(dataset))
     total_steps = steps_per_epoch * settings.epochs
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)

@@ -23,7 +23,8 @@ from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, check
 
 log = logging.getLogger("loc_unlearn")
 
-FAMILY_DEFAULTS = ("lr", "weight_decay", "epochs", "batch_size", "grad_accum", "warmup_ratio", "max_length")
+FAMILY_DEFAULTS = ("lr", "weight_decay", "epochs", "batch_size", "grad_accum", "warmup_ratio", "max_length",
+                   "group_by_length")
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
@@ -168,7 +169,7 @@ def unlearn(cfg: DictConfig) -> None:
     settings = TrainSettings(**{k: c[k] for k in ("lr", "weight_decay", "epochs", "batch_size", "grad_accum",
                                                   "warmup_ratio", "lr_scheduler", "max_grad_norm", "seed",
                                                   "save_checkpoint", "save_steps", "save_each_epoch",
-                                                  "deepspeed")})
+                                                  "group_by_length", "deepspeed")})
     log.info("training %d tensors (%d values) with %s; writing to %s", len(trainable),
              sum(p.numel() for p in trainable), c["forget_loss"], out)
     try:

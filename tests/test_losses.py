@@ -16,7 +16,9 @@ from dataloader import (
     rmu_control_vector,
     sequence_nll,
     token_nll,
+    token_nll_from_logits,
 )
+from masking import apply_lora, apply_value_vector_mask
 
 torch.set_num_threads(1)
 
@@ -194,6 +196,34 @@ def test_nll_loss_matches_hf_loss() -> None:
     model, batch = tiny_llama(), llama_part(1)
     hf = model(**batch).loss
     assert torch.allclose(nll_loss(model, batch), hf, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "value_vector_mask", "lora"])
+def test_answer_only_head_equals_full_logits(wrap: str) -> None:
+    """token_nll applies the LM head at answer positions only; values and gradients match the full-logit path."""
+    model, batch = tiny_llama(), llama_part(5, batch_size=3)
+    if wrap == "value_vector_mask":
+        trainable = apply_value_vector_mask(model, [torch.tensor([0, 5]), torch.tensor([3])])
+    elif wrap == "lora":
+        model, trainable = apply_lora(model, r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    else:
+        trainable = list(model.parameters())
+    for p in trainable:  # move off the initial point so LoRA's B (zero at init) and the masked delta matter
+        p.data.add_(0.05 * torch.randn_like(p))
+
+    def value_and_grads(nll_fn):
+        nll, mask = nll_fn()
+        grads = torch.autograd.grad(nll.sum(), trainable)
+        return nll.detach(), mask, grads
+
+    fast, fast_mask, fast_grads = value_and_grads(lambda: token_nll(model, batch))
+    full, full_mask, full_grads = value_and_grads(
+        lambda: token_nll_from_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                      batch["labels"]))
+    assert torch.equal(fast_mask, full_mask) and fast_mask.sum() > 0
+    assert torch.allclose(fast, full, atol=1e-5) and (fast[~fast_mask] == 0).all()
+    for a, b in zip(fast_grads, full_grads):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 # ---- losses ----

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -49,6 +50,50 @@ def test_a_few_fine_tuning_steps_lower_the_loss(tiny_path, tmp_path):
     with torch.no_grad():
         after = learn(model, batch, None, {}).item()
     assert after < before - 0.5
+
+
+def test_length_grouped_epochs_cover_every_example_once_with_less_padding(tiny_path, tmp_path):
+    tok, data = _dataset(tiny_path)
+    lengths = data.lengths()
+    model = load_model(str(tiny_path), torch.device("cpu"))
+    seen: dict[bool, list[list[int]]] = {}
+    for grouped in (False, True):
+        batches = seen.setdefault(grouped, [])
+
+        def record(m, b, batches=batches):
+            batches.append(b["index"].tolist())
+            return get_loss("learn")(m, b, None, {})
+
+        settings = TrainSettings(**{**SETTINGS, "epochs": 2, "batch_size": 4, "lr": 0.0, "group_by_length": grouped})
+        train(model, list(model.parameters()), data, record, settings, tmp_path / str(grouped), lambda p, s: None)
+        assert len(batches) == settings.steps_per_epoch(len(data)) * 2
+        for epoch in (batches[: len(batches) // 2], batches[len(batches) // 2:]):
+            assert sorted(i for b in epoch for i in b) == list(range(len(data)))
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(seen[True]) < 0.5 * padding(seen[False])
+    assert seen[True][: len(seen[True]) // 2] != seen[True][len(seen[True]) // 2:]  # reshuffled each epoch
+
+
+@pytest.mark.parametrize("n", [37, 40, 1000])
+def test_length_grouped_batches_split_across_ranks(monkeypatch, n):
+    import trainer
+
+    lengths = [(7 * i) % 23 + 1 for i in range(n)]
+    monkeypatch.setattr(trainer, "world_size", lambda: 2)
+    per_rank = []
+    for r in (0, 1):
+        monkeypatch.setattr(trainer, "rank", lambda r=r: r)
+        sampler = trainer.LengthGroupedBatchSampler(lengths, batch_size=4, seed=3, megabatch=5)
+        sampler.set_epoch(1)
+        per_rank.append(list(sampler))
+        assert len(per_rank[-1]) == len(sampler) == math.ceil(math.ceil(n / 2) / 4)
+    covered = [i for batches in per_rank for b in batches for i in b]
+    assert set(covered) == set(range(n)) and len(covered) == 2 * math.ceil(n / 2)  # padded like DistributedSampler
+    for b0, b1 in zip(*per_rank):  # the two ranks' micro-batches of one step come from one sorted global batch
+        assert b0 and b1 and len(b0) - len(b1) in (0, 1)
 
 
 def test_tiny_model_round_trips_through_save_pretrained(tiny_path, tmp_path):
