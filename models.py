@@ -60,9 +60,9 @@ def _tiny_corpus(data_path: str | None) -> list[str]:
     return texts
 
 
-def build_tiny_model(out_dir: str | Path, data_path: str | None, seed: int = 0) -> Path:
-    """Build the tiny family's random-init Llama and its BPE tokenizer (trained on the data), save_pretrained."""
-    arch = family_config("tiny")["architecture"]
+def build_tiny_model(out_dir: str | Path, data_path: str | None, seed: int = 0, family: str = "tiny") -> Path:
+    """Build a locally built family's random-init Llama and its BPE tokenizer (trained on the data), save_pretrained."""
+    arch = family_config(family)["architecture"]
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -101,23 +101,23 @@ def build_tiny_model(out_dir: str | Path, data_path: str | None, seed: int = 0) 
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp)
         fast.save_pretrained(tmp)
-    log.info("built tiny model (%d parameters, vocab %d) at %s", model.num_parameters(), len(fast), out_dir)
+    log.info("built %s model (%d parameters, vocab %d) at %s", family, model.num_parameters(), len(fast), out_dir)
     return Path(out_dir)
 
 
-def tiny_model_path(data_path: str | None, seed: int = 0) -> Path:
-    """The cached tiny model for this data source and seed, built on first use (by rank 0)."""
-    arch = family_config("tiny")["architecture"]
+def tiny_model_path(data_path: str | None, seed: int = 0, family: str = "tiny") -> Path:
+    """The cached initial model of a locally built family for this data source and seed, built on first use (rank 0)."""
+    arch = family_config(family)["architecture"]
     key = hashlib.sha256(json.dumps([str(data_path), seed, arch], sort_keys=True).encode()).hexdigest()[:12]
     path = TINY_CACHE / f"init_{key}"
     if is_main() and not path.exists():
-        build_tiny_model(path, data_path, seed)
+        build_tiny_model(path, data_path, seed, family)
     barrier()
     return path
 
 
 def resolve_model_path(model_family: str, model_path: str | None, data_path: str | None, seed: int = 0) -> str:
-    """Explicit path, else the hub key of the family, else (tiny) the locally built initial model."""
+    """Explicit path, else the hub key of the family, else (tiny, tiny-wide) the locally built initial model."""
     fam = family_config(model_family)
     if model_path:
         path = Path(model_path)
@@ -128,7 +128,7 @@ def resolve_model_path(model_family: str, model_path: str | None, data_path: str
         return str(model_path)
     if fam["hf_key"]:
         return fam["hf_key"]
-    return str(tiny_model_path(data_path, seed))
+    return str(tiny_model_path(data_path, seed, model_family))
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -164,13 +164,19 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype | None = None
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build the tiny family's initial model (random init + BPE tokenizer).")
+    parser = argparse.ArgumentParser(description="Build a local family's initial model (random init + BPE tokenizer).")
+    parser.add_argument("--family", default="tiny", help="a family of config/model_config.yaml with an architecture")
     parser.add_argument("--data_path", default="synthetic", help="TOFU directory or 'synthetic' (tokenizer corpus)")
     parser.add_argument("--out", default=None, help="output directory (default: the cache used by model_family=tiny)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    path = build_tiny_model(args.out, args.data_path, args.seed) if args.out else tiny_model_path(args.data_path, args.seed)
+    if family_config(args.family)["architecture"] is None:
+        parser.error(f"--family {args.family} is a hub model, not a locally built one")
+    if args.out:
+        path = build_tiny_model(args.out, args.data_path, args.seed, args.family)
+    else:
+        path = tiny_model_path(args.data_path, args.seed, args.family)
     print(path)
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import ROOT, run_script
 from dataloader import UnlearnDataset, get_loss, load_tofu
 from masking import apply_value_vector_mask, plain_state_dict
-from models import family_config, load_model, load_tokenizer
+from models import build_tiny_model, family_config, load_model, load_tokenizer, model_families, tiny_model_path
 from trainer import TrainSettings, train
 
 SETTINGS = dict(lr=5e-3, weight_decay=0.1, epochs=1, batch_size=8, grad_accum=1, warmup_ratio=0.0,
@@ -94,6 +94,17 @@ def test_length_grouped_batches_split_across_ranks(monkeypatch, n):
     assert set(covered) == set(range(n)) and len(covered) == 2 * math.ceil(n / 2)  # padded like DistributedSampler
     for b0, b1 in zip(*per_rank):  # the two ranks' micro-batches of one step come from one sorted global batch
         assert b0 and b1 and len(b0) - len(b1) in (0, 1)
+
+
+def test_every_local_family_builds_its_architecture(tmp_path):
+    local = {name: fam for name, fam in model_families().items() if fam["architecture"] is not None}
+    assert {"tiny", "tiny-wide"} <= set(local)
+    for name, fam in local.items():
+        arch = fam["architecture"]
+        config = AutoConfig.from_pretrained(build_tiny_model(tmp_path / name, "synthetic", 0, name))
+        assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (
+            arch["n_layers"], arch["hidden_size"], arch["intermediate_size"])
+        assert tiny_model_path("synthetic", 0, name).name.startswith("init_")
 
 
 def test_tiny_model_round_trips_through_save_pretrained(tiny_path, tmp_path):
