@@ -14,7 +14,7 @@ MODEL_FAMILY=${MODEL_FAMILY:-tiny}
 DATA_PATH=${DATA_PATH:-synthetic}          # TOFU directory, or synthetic
 OUT=${OUT:-outputs/study}
 FORGET_SPLIT=${FORGET_SPLIT:-forget10}
-RETAIN_SPLIT=${RETAIN_SPLIT:-retain90}
+RETAIN_SPLIT=${RETAIN_SPLIT:-retain90}     # theta_r's split, and the retain term of injection and unlearning
 SEEDS=${SEEDS:-"1 2 3 4 5"}
 LOSSES=${LOSSES:-"npo wga dpo rmu_1"}
 METHODS=${METHODS:-"random_down activation memflex_down wagle_down"}
@@ -50,8 +50,8 @@ table() {  # aggregate.py mode, title, JSON output, group arguments: print the t
   { echo "### $title (seeds: $SEEDS)"; echo; "$PYTHON" aggregate.py "$mode" "$@" --out "$out"; echo; } | tee -a "$tables"
 }
 unlearn_and_evaluate() {  # start_model mask seed loss dir: unlearn into dir/run, trade-off scores into dir/agg
-  run unlearn.py "${common[@]}" model_path="$1" forget_split="$FORGET_SPLIT" forget_loss="$4" mask_path="$2" \
-    seed="$3" output_dir="$5/run" "${unlearn_args[@]}"
+  run unlearn.py "${common[@]}" model_path="$1" forget_split="$FORGET_SPLIT" retain_split="$RETAIN_SPLIT" \
+    forget_loss="$4" mask_path="$2" seed="$3" output_dir="$5/run" "${unlearn_args[@]}"
   scripts/eval.sh --theta-o "$1" --retain-model "$THETA_R" --model-family "$MODEL_FAMILY" --data-path "$DATA_PATH" \
     --forget-split "$FORGET_SPLIT" --nproc "$NPROC" --out "$5/agg" "$5/run" > "$5/agg.log"
 }
@@ -69,8 +69,9 @@ if [[ " $PARTS " == *" controlled "* ]]; then
     run generate_mask.py "${common[@]}" model_path="$THETA_R" attribution=random_down ratio="$RATIO" seed="$seed" \
       forget_split="$FORGET_SPLIT" mask_root="$OUT/masks"
     v_tgt=$(mask_file "$OUT/masks" random_down normal "$seed")
-    run unlearn.py "${common[@]}" model_path="$THETA_R" forget_split="$FORGET_SPLIT" mask_path="$v_tgt" seed="$seed" \
-      output_dir="$OUT/controlled/seed$seed/theta_o" save_checkpoint=false "${inject_args[@]}"
+    run unlearn.py "${common[@]}" model_path="$THETA_R" forget_split="$FORGET_SPLIT" retain_split="$RETAIN_SPLIT" \
+      mask_path="$v_tgt" seed="$seed" output_dir="$OUT/controlled/seed$seed/theta_o" save_checkpoint=false \
+      "${inject_args[@]}"
     theta_o=$(final "$OUT/controlled/seed$seed/theta_o")
     run generate_mask.py "${common[@]}" model_path="$THETA_R" attribution=random_down variant=random_complement \
       target_mask_path="$v_tgt" ratio="$RATIO" seed="$seed" forget_split="$FORGET_SPLIT" mask_root="$OUT/masks"
