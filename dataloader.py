@@ -471,18 +471,29 @@ def grad_diff_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, 
     return -nll_loss(model, batch["forget"]) + _cfg_float(cfg, "hyper_param") * nll_loss(model, batch["retain"])
 
 
-@register_loss("kl", parts=("forget", "retain"), resident_ref=True, default_hyper_param=1.0)
-def kl_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
-    retain = batch["retain"]
+def retain_kl(model: nn.Module, ref_model: nn.Module, retain: Part) -> torch.Tensor:
+    """Mean over retain answer positions of KL(pi_ref || pi_theta) of the next-token distributions."""
     mask = retain["labels"][:, 1:] != IGNORE_INDEX
     # Select answer positions before the softmax: the full-vocab distributions are needed, but only there.
     logp = F.log_softmax(_forward(model, retain).logits[:, :-1][mask].float(), dim=-1)
     with torch.no_grad():
-        ref_logits = _forward(_resident(ref_model, "kl"), retain).logits[:, :-1].to(mask.device)
+        ref_logits = _forward(ref_model, retain).logits[:, :-1].to(mask.device)
         ref_logp = F.log_softmax(ref_logits[mask].float(), dim=-1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)
-    retain_kl = kl.sum() / mask.sum().clamp(min=1)
-    return -nll_loss(model, batch["forget"]) + _cfg_float(cfg, "hyper_param") * retain_kl
+    return kl.sum() / mask.sum().clamp(min=1)
+
+
+@register_loss("kl", parts=("forget", "retain"), resident_ref=True, default_hyper_param=1.0)
+def kl_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
+    kl = retain_kl(model, _resident(ref_model, "kl"), batch["retain"])
+    return -nll_loss(model, batch["forget"]) + _cfg_float(cfg, "hyper_param") * kl
+
+
+@register_loss("learn_kl", parts=("forget", "retain"), resident_ref=True, default_hyper_param=1.0)
+def learn_kl_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
+    # Injection that keeps the starting model's retain distributions, not only its retain answers.
+    kl = retain_kl(model, _resident(ref_model, "learn_kl"), batch["retain"])
+    return nll_loss(model, batch["forget"]) + _cfg_float(cfg, "hyper_param") * kl
 
 
 @register_loss("wga", parts=("forget", "retain"), default_hyper_param=1.0)

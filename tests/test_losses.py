@@ -151,6 +151,7 @@ def test_registry_metadata() -> None:
         "ga": (("forget",), (), False),
         "grad_diff": (("forget", "retain"), (), False),
         "kl": (("forget", "retain"), (), True),
+        "learn_kl": (("forget", "retain"), (), True),
         "wga": (("forget", "retain"), (), False),
         "npo": (("forget", "retain"), ("forget",), False),
         "simnpo": (("forget", "retain"), (), False),
@@ -175,7 +176,7 @@ def test_get_loss_parses_rmu_layer_and_rejects_unknown() -> None:
 def test_missing_reference_is_explained() -> None:
     with pytest.raises(KeyError, match="ref_nll"):
         get_loss("npo")(StubLM(P), stub_batch(), None, {"hyper_param": 0.1})
-    for name in ("kl", "rmu_0", "rt_diff"):
+    for name in ("kl", "learn_kl", "rmu_0", "rt_diff"):
         with pytest.raises(ValueError, match="resident"):
             get_loss(name)(StubLM(P), stub_batch(), None, {"hyper_param": 1.0})
 
@@ -263,6 +264,21 @@ def test_kl_hand_value_and_zero_at_reference() -> None:
     batch = {"forget": llama_part(3), "retain": llama_part(4)}
     at_ref = get_loss("kl")(model, batch, frozen(model), {"hyper_param": lam})
     assert torch.allclose(at_ref, -nll_loss(model, batch["forget"]), atol=1e-5)
+
+
+def test_learn_kl_hand_value_and_plain_learning_at_reference() -> None:
+    lam = 2.0
+    value = get_loss("learn_kl")(StubLM(P), stub_batch(), StubLM(Q), {"hyper_param": lam}).item()
+    kls = [sum(q * math.log(q / p) for q, p in zip(Q[i], P[i])) for i in (1, 1, 0)]  # retain answer positions
+    assert math.isclose(value, hand_mean_nll(P, FORGET) + lam * sum(kls) / len(kls), rel_tol=1e-5)
+
+    model = tiny_llama()
+    batch = {"forget": llama_part(6), "retain": llama_part(7)}
+    ref = frozen(model)
+    assert torch.allclose(get_loss("learn_kl")(model, batch, ref, {"hyper_param": lam}),
+                          nll_loss(model, batch["forget"]), atol=1e-5)
+    sgd_steps(model, "learn_kl", batch, ref, {"hyper_param": lam})
+    assert nll_loss(model, batch["forget"]).item() < nll_loss(ref, batch["forget"]).item() - 0.1
 
 
 def test_wga_weights_are_p_to_the_beta() -> None:
