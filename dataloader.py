@@ -343,7 +343,7 @@ def token_nll(model: nn.Module, part: Part) -> tuple[torch.Tensor, torch.Tensor]
 
     For Hugging Face causal LMs the head is applied to the answer positions only: the loss never needs the
     (B, T, V) logits of prompt and padding positions, which are most of a step's memory at a 128k vocabulary
-    and about a third of the tiny model's step time. Models without a separable decoder/head (the tests'
+    and ~40% of the tiny model's step time. Models without a separable decoder/head (the tests'
     table-lookup stubs) go through their full logits.
     """
     if not (hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")):

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -77,7 +77,7 @@ class LengthGroupedBatchSampler:
     def __len__(self) -> int:
         return math.ceil(math.ceil(len(self.lengths) / world_size()) / self.batch_size)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         order += order[: math.ceil(len(order) / world_size()) * world_size() - len(order)]
