@@ -8,7 +8,7 @@ under four settings, each on its own copy of the same model, with the steps of t
 load from other jobs falls on all alike:
 
 - baseline: random batches, NLL from the model's full (B, T, V) logits;
-- answer head: random batches, `dataloader.token_nll` (the LM head applied at answer positions only);
+- answer head: random batches, `dataloader.nll_loss` (the LM head applied at answer positions only);
 - grouped: `trainer.LengthGroupedBatchSampler` batches, full logits;
 - both: what `unlearn.py` does for the tiny family.
 
@@ -27,7 +27,7 @@ from common import print_header, tiny_model
 
 import torch
 
-from dataloader import IGNORE_INDEX, QADataset, load_tofu, token_nll, token_nll_from_logits
+from dataloader import IGNORE_INDEX, QADataset, load_tofu, nll_loss, token_nll_from_logits
 from models import family_config, load_model, load_tokenizer
 from trainer import LengthGroupedBatchSampler
 
@@ -59,11 +59,6 @@ def full_logit_mean_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     return nll.sum() / mask.sum()
 
 
-def answer_head_mean_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    nll, mask = token_nll(model, batch)
-    return nll.sum() / mask.sum()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     print_header("fine-tuning step time (bench/bench_finetune.py)")
@@ -84,9 +79,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     grouped_batches = list(sampler)[:n_batches]
     settings = {
         "baseline (random batches, full logits)": (random_batches, full_logit_mean_nll),
-        "answer-only head": (random_batches, answer_head_mean_nll),
+        "answer-only head": (random_batches, nll_loss),
         "length-grouped batches": (grouped_batches, full_logit_mean_nll),
-        "both (unlearn.py, tiny)": (grouped_batches, answer_head_mean_nll),
+        "both (unlearn.py, tiny)": (grouped_batches, nll_loss),
     }
     runs = {}
     for name, (batches, loss_fn) in settings.items():

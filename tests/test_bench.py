@@ -36,3 +36,13 @@ def test_bench_unlearn_prints_state_time_and_memory_ratios(tiny_path):
                      out, re.M)
     assert re.search(r"^peak RSS ratio resident/cached: [\d.]+ ", out, re.M)
     assert re.search(r"^analytical saving of the cache: one model's parameters = [\d,]+ B", out, re.M)
+
+
+def test_bench_finetune_prints_a_ratio_for_every_setting(tiny_path):
+    proc = run_script("bench/bench_finetune.py", "--model_path", str(tiny_path), "--data_path", "synthetic",
+                      "--split", "forget01", "--steps", "2", "--warmup", "1", "--threads", "1", timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("baseline (random batches, full logits)", "answer-only head", "length-grouped batches",
+                 "both (unlearn.py, tiny)"):
+        assert re.search(rf"^\| {re.escape(name)} \| \d+ \| [\d.]+ \| [\d.]+x \| [\d.]+ \|$", proc.stdout, re.M), name
+    assert re.search(r"^\| baseline \(random batches, full logits\) \| \d+ \| [\d.]+ \| 1\.00x \|", proc.stdout, re.M)
