@@ -4,6 +4,7 @@ checkpoints in step order), trade-off plots, and seed-paired comparisons of grou
     python aggregate.py runs --theta-o MODEL_DIR --retain-eval RETAIN.json --out OUT RUN_DIR [RUN_DIR ...]
     python aggregate.py compare --group oracle OUT_A/runs.json --group random OUT_B/runs.json --out cmp.json
     python aggregate.py methods --group activation A/runs.json --group wagle W/runs.json --group random R/runs.json
+    python aggregate.py injection --theta-r THETA_R_DIR --out injection.json THETA_O_DIR [THETA_O_DIR ...]
 """
 from __future__ import annotations
 
@@ -67,11 +68,17 @@ def load_trajectory(run_dir: str | os.PathLike, theta_o_dir: str | os.PathLike,
     return trajectory
 
 
+def model_seed(model_dir: str | os.PathLike) -> int | None:
+    """The `seed` in a checkpoint's run_config.json (written by unlearn.py), or None."""
+    path = Path(model_dir) / RUN_CONFIG
+    return json.loads(path.read_text()).get("seed") if path.is_file() else None
+
+
 def run_seed(run_dir: str | os.PathLike) -> int | None:
-    """The `seed` in the run's newest checkpoint's run_config.json (written by unlearn.py), or None."""
+    """The seed of the run's newest checkpoint that has a run_config.json, or None."""
     for _, path in reversed(checkpoint_dirs(run_dir)):
         if (path / RUN_CONFIG).is_file():
-            return json.loads((path / RUN_CONFIG).read_text()).get("seed")
+            return model_seed(path)
     return None
 
 
@@ -152,7 +159,7 @@ def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def plot_runs(records: Sequence[dict[str, Any]], retain_summary: dict[str, Any], out: Path) -> None:
-    """RS vs FS and MU vs log10 FQ, one line per run starting at theta_o (a black star)."""
+    """RS vs FS and MU vs log10 FQ, one line per run starting at theta_o (a black star), the retain model in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,8 +167,11 @@ def plot_runs(records: Sequence[dict[str, Any]], retain_summary: dict[str, Any],
 
     theta_o = records[0]["trajectory"][0]
     threshold = records[0]["mu_threshold"]
-    for name, x, y, xlabel, ylabel in ((RS_FS_PLOT, "rs", "fs", "Retain Strength (RS)", "Forget Strength (FS)"),
-                                       (MU_FQ_PLOT, "mu", "log10_fq", "Model Utility (MU)", "log10 Forget Quality")):
+    for name, x, y, xlabel, ylabel, retain_x, retain_y in (
+            (RS_FS_PLOT, "rs", "fs", "Retain Strength (RS)", "Forget Strength (FS)", "retain_strength",
+             "forget_strength"),
+            (MU_FQ_PLOT, "mu", "log10_fq", "Model Utility (MU)", "log10 Forget Quality", "model_utility",
+             "log10_forget_quality")):
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for record in records:
             points = record["trajectory"]
@@ -169,11 +179,12 @@ def plot_runs(records: Sequence[dict[str, Any]], retain_summary: dict[str, Any],
         ax.plot(theta_o[x], theta_o[y], "k*", ms=14, zorder=5, label="θ_o")
         if name == MU_FQ_PLOT:
             ax.axvline(threshold * theta_o["mu"], color="gray", ls="--", label=f"{threshold:.0%} of θ_o's MU")
-            retain_mu, retain_fq = retain_summary.get("model_utility"), retain_summary.get("log10_forget_quality")
-            if retain_mu is not None and retain_fq is not None:
-                ax.plot(retain_mu, retain_fq, "rD", ms=8, zorder=5, label="retain model")
-            elif retain_mu is not None:
-                ax.axvline(retain_mu, color="red", ls=":", label="retain model's MU")
+        # The retain model is usually evaluated without a reference, so it has no forget quality: then only its MU.
+        rx, ry = retain_summary.get(retain_x), retain_summary.get(retain_y)
+        if rx is not None and ry is not None:
+            ax.plot(rx, ry, "rD", ms=8, zorder=5, label="retain model")
+        elif rx is not None:
+            ax.axvline(rx, color="red", ls=":", label=f"retain model's {xlabel}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -304,6 +315,32 @@ def cmd_methods(args: argparse.Namespace) -> None:
         write_json(args.out, result)
 
 
+def cmd_injection(args: argparse.Namespace) -> None:
+    """Each theta_o's Forget and Retain Strength next to theta_r's: the forget set must have gone in (Forget Strength
+    down) without taking retention with it (Retain Strength within --max-rs-drop)."""
+    def strengths(model: str, role: str) -> dict[str, float]:
+        summary = _summary(eval_path(model, args.forget_split),
+                           f"{role} ({model}) has not been evaluated on {args.forget_split}; run scripts/eval.sh")
+        return {key: summary[key] for key in ("forget_strength", "retain_strength")}
+
+    reference = strengths(args.theta_r, "theta_r")
+    rows = []
+    for model in args.theta_o_dirs:
+        s = strengths(model, "theta_o")
+        rs_drop = reference["retain_strength"] - s["retain_strength"]
+        rows.append({"theta_o": str(model), "seed": model_seed(model), **s,
+                     "fs_drop": reference["forget_strength"] - s["forget_strength"], "rs_drop": rs_drop,
+                     "retention_kept": bool(rs_drop <= args.max_rs_drop)})
+    print(_markdown(["model", "seed", "Forget Strength", "Retain Strength", "FS drop", "RS drop",
+                     f"RS drop ≤ {args.max_rs_drop:g}"],
+                    [["theta_r", "", _fmt(reference["forget_strength"]), _fmt(reference["retain_strength"]), "", "", ""]]
+                    + [["theta_o", str(r["seed"]), _fmt(r["forget_strength"]), _fmt(r["retain_strength"]),
+                        _fmt(r["fs_drop"]), _fmt(r["rs_drop"]), "yes" if r["retention_kept"] else "no"] for r in rows]))
+    if args.out:
+        write_json(args.out, {"forget_split": args.forget_split, "theta_r": str(args.theta_r), **reference,
+                              "max_rs_drop": args.max_rs_drop, "theta_o": rows})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -355,6 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
     compare.add_argument("--pairing", choices=("auto", "position"), default="auto",
                          help="auto: by seed when every run has one, else by position (default: auto)")
+
+    injection = commands.add_parser(
+        "injection", help="theta_o's Forget/Retain Strength against theta_r's (did the injection work?)",
+        description="The controlled experiment's check on theta_o (theta_r with the forget set trained into V_tgt): "
+                    "its Forget Strength should be clearly below theta_r's, its Retain Strength within --max-rs-drop "
+                    "of theta_r's. Reads <model>/eval_results/eval_<split>.json of every model.",
+        epilog="example: aggregate.py injection --theta-r out/theta_r/checkpoint-6750 --forget-split forget01 "
+               "out/controlled/seed1/theta_o/checkpoint-1500 out/controlled/seed2/theta_o/checkpoint-1500")
+    injection.add_argument("theta_o_dirs", nargs="+", metavar="THETA_O_DIR", help="injected models (evaluated)")
+    injection.add_argument("--theta-r", required=True, metavar="DIR", help="the model before injection (evaluated)")
+    injection.add_argument("--forget-split", default="forget10", help="the evaluations to read (default: forget10)")
+    injection.add_argument("--max-rs-drop", type=float, default=0.05,
+                           help="the Retain Strength theta_o may lose against theta_r (default: 0.05)")
+    injection.add_argument("--out", metavar="FILE.json", help="also write the table's numbers here")
+    injection.set_defaults(func=cmd_injection)
     return parser
 
 

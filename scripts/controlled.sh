@@ -3,7 +3,8 @@
 # killed run continues where it stopped.
 #  controlled: theta_r (fine-tuned on the retain split) -> V_tgt, a random RATIO of all value vectors -> theta_o
 #     (the forget split injected into V_tgt only) -> V_rdm, as many vectors drawn outside V_tgt -> each loss
-#     unlearns theta_o on V_tgt (oracle) and on V_rdm (random) -> eval.sh -> oracle-vs-random table over seeds.
+#     unlearns theta_o on V_tgt (oracle) and on V_rdm (random) -> eval.sh -> theta_o-vs-theta_r injection table and
+#     oracle-vs-random tables over seeds.
 #  methods: theta_f (fine-tuned on full) -> a mask per attribution method -> each loss unlearns theta_f on it
 #     -> eval.sh -> AUES/MU95 table per method.
 # Every setting below can be overridden from the environment, e.g. SEEDS="1 2" LOSSES=npo scripts/controlled.sh
@@ -64,6 +65,7 @@ tables="$OUT/tables.md"
 : > "$tables"
 
 if [[ " $PARTS " == *" controlled "* ]]; then
+  theta_os=()
   for seed in $SEEDS; do
     echo "== seed $seed: V_tgt, injection into it, V_rdm"
     run generate_mask.py "${common[@]}" model_path="$THETA_R" attribution=random_down ratio="$RATIO" seed="$seed" \
@@ -73,6 +75,7 @@ if [[ " $PARTS " == *" controlled "* ]]; then
       mask_path="$v_tgt" seed="$seed" output_dir="$OUT/controlled/seed$seed/theta_o" save_checkpoint=false \
       "${inject_args[@]}"
     theta_o=$(final "$OUT/controlled/seed$seed/theta_o")
+    theta_os+=("$theta_o")
     run generate_mask.py "${common[@]}" model_path="$THETA_R" attribution=random_down variant=random_complement \
       target_mask_path="$v_tgt" ratio="$RATIO" seed="$seed" forget_split="$FORGET_SPLIT" mask_root="$OUT/masks"
     v_rdm=$(mask_file "$OUT/masks" random_down random_complement "$seed")
@@ -84,6 +87,8 @@ if [[ " $PARTS " == *" controlled "* ]]; then
       done
     done
   done
+  table injection "Injection: theta_o against theta_r" "$OUT/controlled/injection.json" --theta-r "$THETA_R" \
+    --forget-split "$FORGET_SPLIT" "${theta_os[@]}"
   for loss in $LOSSES; do
     groups=()
     for region in oracle random; do groups+=($(group_args "$region" "$OUT/controlled/seedSEED/$loss/$region/agg")); done

@@ -192,6 +192,32 @@ def test_methods_cli_table(tmp_path, capsys):
     assert "| activation | 0.600 ± 0.141 | -4.000 ± 1.414 | 2 |" in capsys.readouterr().out
 
 
+def test_injection_cli_compares_each_theta_o_with_theta_r(tmp_path, capsys):
+    theta_r = tmp_path / "theta_r"
+    write_eval(theta_r, summary(rs=0.99, fs=0.95, mu=0.6, log10_fq=None))
+    theta_os = []
+    for seed, rs, fs in ((1, 0.96, 0.30), (2, 0.90, 0.40)):
+        model = tmp_path / f"seed{seed}" / "checkpoint-100"
+        write_eval(model, summary(rs=rs, fs=fs, mu=0.6, log10_fq=-1.0))
+        (model / "run_config.json").write_text(json.dumps({"seed": seed}))
+        theta_os.append(str(model))
+    A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, "--out", str(tmp_path / "inj.json"),
+            *theta_os])
+    result = json.loads((tmp_path / "inj.json").read_text())
+    # seed 1: RS drop 0.99 - 0.96 = 0.03 <= 0.05, FS drop 0.65; seed 2: RS drop 0.09 > 0.05.
+    assert [r["seed"] for r in result["theta_o"]] == [1, 2]
+    assert [r["rs_drop"] for r in result["theta_o"]] == pytest.approx([0.03, 0.09])
+    assert [r["fs_drop"] for r in result["theta_o"]] == pytest.approx([0.65, 0.55])
+    assert [r["retention_kept"] for r in result["theta_o"]] == [True, False]
+    out = capsys.readouterr().out
+    assert "| theta_o | 1 | 0.300 | 0.960 | 0.650 | 0.030 | yes |" in out
+    assert "| theta_o | 2 | 0.400 | 0.900 | 0.550 | 0.090 | no |" in out
+    A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, "--max-rs-drop", "0.1", theta_os[1]])
+    assert "| 0.090 | yes |" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"theta_o \(.*nowhere\) has not been evaluated on forget10"):
+        A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, str(tmp_path / "nowhere")])
+
+
 # A stand-in for eval_tofu.py: logs the model it is asked for and writes the summary the test left in the model's
 # directory, with the config fields eval.sh and aggregate.py read.
 STUB = """
