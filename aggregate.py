@@ -321,7 +321,10 @@ def cmd_injection(args: argparse.Namespace) -> None:
     def strengths(model: str, role: str) -> dict[str, float]:
         summary = _summary(eval_path(model, args.forget_split),
                            f"{role} ({model}) has not been evaluated on {args.forget_split}; run scripts/eval.sh")
-        return {key: summary[key] for key in ("forget_strength", "retain_strength")}
+        values = {key: summary.get(key) for key in ("forget_strength", "retain_strength")}
+        if None in values.values():
+            raise ConfigError(f"{role} ({model}) has no forget/retain strength; evaluate the forget and retain splits")
+        return values
 
     reference = strengths(args.theta_r, "theta_r")
     rows = []

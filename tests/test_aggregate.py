@@ -216,6 +216,9 @@ def test_injection_cli_compares_each_theta_o_with_theta_r(tmp_path, capsys):
     assert "| 0.090 | yes |" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"theta_o \(.*nowhere\) has not been evaluated on forget10"):
         A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, str(tmp_path / "nowhere")])
+    write_eval(tmp_path / "forget_only", {"forget_strength": 0.3, "retain_strength": None})
+    with pytest.raises(ConfigError, match=r"forget_only\) has no forget/retain strength"):
+        A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, str(tmp_path / "forget_only")])
 
 
 # A stand-in for eval_tofu.py: logs the model it is asked for and writes the summary the test left in the model's
