@@ -348,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    scoring = argparse.ArgumentParser(add_help=False)
-    scoring.add_argument("--forget-split", default="forget10", help="the evaluations to read (default: forget10)")
+    split = argparse.ArgumentParser(add_help=False)
+    split.add_argument("--forget-split", default="forget10", help="the evaluations to read (default: forget10)")
+    scoring = argparse.ArgumentParser(add_help=False, parents=[split])
     scoring.add_argument("--aues", choices=("front", "trapezoid"), default="front",
                          help="AUES variant (docs/metrics.md; default: front)")
     scoring.add_argument("--mu-threshold", type=float, default=0.95,
@@ -397,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto: by seed when every run has one, else by position (default: auto)")
 
     injection = commands.add_parser(
-        "injection", help="theta_o's Forget/Retain Strength against theta_r's (did the injection work?)",
+        "injection", parents=[split], help="theta_o's Forget/Retain Strength against theta_r's (did the injection work?)",
         description="The controlled experiment's check on theta_o (theta_r with the forget set trained into V_tgt): "
                     "its Forget Strength should be clearly below theta_r's, its Retain Strength within --max-rs-drop "
                     "of theta_r's. Reads <model>/eval_results/eval_<split>.json of every model.",
@@ -405,7 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
                "out/controlled/seed1/theta_o/checkpoint-1500 out/controlled/seed2/theta_o/checkpoint-1500")
     injection.add_argument("theta_o_dirs", nargs="+", metavar="THETA_O_DIR", help="injected models (evaluated)")
     injection.add_argument("--theta-r", required=True, metavar="DIR", help="the model before injection (evaluated)")
-    injection.add_argument("--forget-split", default="forget10", help="the evaluations to read (default: forget10)")
     injection.add_argument("--max-rs-drop", type=float, default=0.05,
                            help="the Retain Strength theta_o may lose against theta_r (default: 0.05)")
     injection.add_argument("--out", metavar="FILE.json", help="also write the table's numbers here")
