@@ -1,8 +1,13 @@
 """Choose what trains: selected value vectors only (a mask), LoRA adapters, or every parameter.
 
-Masked training keeps each selected down_proj column in a small parameter of its own (`masked_values`, shape
-d_model x k) and adds its change to the layer's output in a forward hook. Every other weight is frozen, so the
+Masked training moves each selected down_proj column into a small parameter of its own (`masked_values`, shape
+d_model x k; the column itself is zeroed) and adds its product with the input to the layer's output in a forward
+hook. Every other weight is frozen, so the
 optimizer holds state for the selected values only and nothing outside the mask can move, weight decay included.
+
+Trainable values (masked values, LoRA adapters) are fp32 master copies whatever the model's dtype: at lr 1e-5 most
+Adam updates to a bf16 weight are smaller than half its ulp and round away, and which values still move would then
+depend on their magnitude. The frozen model stays in its own dtype, and checkpoints are written in it.
 """
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ from models import decoder_layers
 MASKED_VALUES = "masked_values"
 
 
-def _add_masked_delta(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-    # W x + (V - W[:, idx]) x[idx] equals the output of W with columns idx replaced by V, without copying W.
+def _add_masked_values(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    # The selected columns of W are zeroed when the mask is applied, so W x + V x[idx] is the output of W with those
+    # columns replaced by V, whatever the frozen columns held before: a resumed run loads them trained (and rounded
+    # to bf16) and must compute exactly what the uninterrupted run did.
     selected_inputs = inputs[0].index_select(-1, module.mask_index)
-    return output + F.linear(selected_inputs, module.masked_values - module.weight[:, module.mask_index])
+    return output + F.linear(selected_inputs, module.masked_values.to(output.dtype))
 
 
 def apply_value_vector_mask(model: nn.Module, indices: Iterable[torch.Tensor]) -> list[nn.Parameter]:
@@ -32,8 +39,9 @@ def apply_value_vector_mask(model: nn.Module, indices: Iterable[torch.Tensor]) -
             continue
         down = layer.mlp.down_proj
         down.register_buffer("mask_index", idx.to(down.weight.device, torch.long), persistent=False)
-        down.masked_values = nn.Parameter(down.weight[:, down.mask_index].detach().clone())
-        down.register_forward_hook(_add_masked_delta)
+        down.masked_values = nn.Parameter(down.weight[:, down.mask_index].detach().float())
+        down.weight.data[:, down.mask_index] = 0
+        down.register_forward_hook(_add_masked_values)
         trainable.append(down.masked_values)
     return trainable
 
@@ -44,7 +52,10 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modu
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
-    return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    for p in trainable:  # fp32 masters; peft casts the adapter's input to their dtype and its output back
+        p.data = p.data.float()
+    return peft_model, trainable
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -57,7 +68,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if hasattr(module, MASKED_VALUES):
             weight = module.weight.detach().clone()
-            weight[:, module.mask_index] = module.masked_values.detach()
+            weight[:, module.mask_index] = module.masked_values.detach().to(weight.dtype)
             state[f"{name}.weight"] = weight
     return state
 

@@ -131,8 +131,16 @@ def resolve_model_path(model_family: str, model_path: str | None, data_path: str
     return str(tiny_model_path(data_path, seed, model_family))
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """The config's `precision` (bf16, fp32); null: bf16 on a GPU, fp32 on a CPU."""
+    if precision is None:
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in DTYPES:
+        raise ConfigError(f"precision={precision!r}; expected one of {sorted(DTYPES)} or null (bf16 on GPU, fp32 on CPU)")
+    return precision
 
 
 def attention_implementation(device: torch.device) -> str:
@@ -150,7 +158,7 @@ def load_tokenizer(model_family: str, path: str):
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or DTYPES[resolve_precision(None, device)]
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attention_implementation(device), trust_remote_code=False

@@ -23,6 +23,17 @@ class ConfigError(ValueError):
     """A bad config value: the entry points print it as one line and exit with status 2."""
 
 
+def process_group_backend(device_type: str, accelerator_backend: str = "nccl") -> str:
+    """The backend string of a process group for models on `device_type`.
+
+    NCCL serves CUDA tensors only, so a CUDA group also gets gloo for CPU tensors (object collectives, a CPU scalar
+    anywhere): with "nccl" alone they fail on GPU nodes, and never in a gloo-only CPU test.
+    """
+    if device_type == "cuda":
+        return f"cpu:gloo,cuda:{accelerator_backend}"
+    return "gloo"
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Join the torchrun process group if there is one; return (rank, world_size, device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -33,8 +44,16 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(device.type))
     return rank(), world_size, device
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A one-rank process group for libraries that need one (DeepSpeed) when not launched by torchrun."""
+    if not dist.is_initialized():
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # what torchrun would set
+            os.environ.setdefault(key, value)
+        dist.init_process_group(process_group_backend(device.type), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def rank() -> int:

@@ -3,13 +3,19 @@
 Distributed runs use plain torch.distributed: each rank takes its shard of every epoch (DistributedSampler,
 seeded by epoch) and the gradients of the trainable tensors are averaged across ranks before each step.
 With masked or LoRA training those tensors are small, so the all-reduce is too.
+
+With DeepSpeed (ZeRO) the same loop drives the engine: the trainer, not DeepSpeed's global micro-step counter,
+marks where an accumulation group ends, so both paths take the same optimizer steps, and DeepSpeed's own
+checkpoint format holds its partitioned optimizer state beside the plain weights.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,12 +28,14 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from masking import plain_state_dict
-from runtime import atomic_path, barrier, broadcast_object, is_main, rank, world_size
+from runtime import (ConfigError, atomic_path, barrier, broadcast_object, init_single_process_group, is_main, rank,
+                     world_size)
 
 log = logging.getLogger("loc_unlearn")
 
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "trainer_state.json"
+DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed checkpoint: optimizer partitions, scheduler, trainable values
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -139,27 +147,40 @@ def train(
     total_steps = steps_per_epoch * settings.epochs
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(settings.lr_scheduler, optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
-    engine = _deepspeed_engine(model, trainable, optimizer, scheduler, settings) if settings.deepspeed else None
+    engine = _deepspeed_engine(model, trainable, optimizer, scheduler, settings, device) if settings.deepspeed else None
     step, history = 0, []
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
+        _check_resume_format(resume_state, engine is not None)
+        if engine is None:
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+        else:
+            engine.load_checkpoint(Path(resume_state["checkpoint"]) / DEEPSPEED_DIR, load_module_strict=False)
         step, history = resume_state["step"], resume_state["history"]
         log.info("resuming at step %d of %d", step, total_steps)
 
     def save(final: bool = False) -> Path:
         path = run_dir / f"checkpoint-{step}"
-        if is_main():
-            with atomic_path(path) as tmp:
+        # Every rank writes its DeepSpeed partition into rank 0's temporary directory, renamed when all are done.
+        with atomic_path(path) if is_main() else contextlib.nullcontext() as tmp:
+            if is_main():
                 tmp.mkdir()
+            tmp = Path(broadcast_object(str(tmp) if is_main() else None))
+            if engine is not None:
+                engine.save_checkpoint(tmp / DEEPSPEED_DIR, exclude_frozen_parameters=True)
+            if is_main():
                 save_extra(tmp, plain_state_dict(model))
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "step": step, "history": history, "trainable": _trainable_by_name(model)}, tmp / STATE_FILE)
+                state = {"step": step, "history": history, "trainable": _trainable_by_name(model)}
+                if engine is None:
+                    state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                torch.save(state, tmp / STATE_FILE)
                 (tmp / INFO_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps, "final": final,
                                                           "history": history}, indent=1))
+        if is_main():
             for _, older in checkpoints(run_dir):
-                if older != path and (older / STATE_FILE).exists():
-                    (older / STATE_FILE).unlink()  # optimizer state only in the newest checkpoint
+                if older != path and (older / STATE_FILE).exists():  # optimizer state only in the newest checkpoint
+                    (older / STATE_FILE).unlink()
+                    shutil.rmtree(older / DEEPSPEED_DIR, ignore_errors=True)
             log.info("saved %s", path)
         barrier()
         return path
@@ -173,20 +194,22 @@ def train(
         micro_batches = list(loader)
         for start in range(skip_micro, len(micro_batches), settings.grad_accum):
             group = micro_batches[start:start + settings.grad_accum]
-            loss_value = 0.0
-            for batch in group:
-                loss = loss_fn(model, _to(batch, device))
+            # On the training device: NCCL serves no CPU tensor, and no .item() per micro-batch stalls the GPU.
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for i, batch in enumerate(group):
+                loss = loss_fn(model, _to(batch, device)) / len(group)  # a short last group averages its own
                 if engine is not None:
-                    # DeepSpeed scales by its accumulation steps, reduces, clips and steps at the boundary.
-                    engine.backward(loss)
-                    engine.step()
+                    engine.set_gradient_accumulation_boundary(i == len(group) - 1)
+                    engine.backward(loss, scale_wrt_gas=False)
                 else:
-                    (loss / len(group)).backward()
-                loss_value += loss.item() / len(group)
-            loss_value = _mean_across_ranks(loss_value)
+                    loss.backward()
+                loss_sum += loss.detach()
+            loss_value = _mean_across_ranks(loss_sum)
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(f"loss became {loss_value} at step {step + 1}; last good checkpoint is kept in {run_dir}")
-            if engine is None:
+            if engine is not None:
+                engine.step()  # reduces, clips, steps the optimizer and the scheduler at the boundary set above
+            else:
                 _average_gradients(trainable)
                 if settings.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
@@ -205,10 +228,15 @@ def train(
     return save(final=True)
 
 
-def _deepspeed_engine(model, trainable, optimizer, scheduler, settings: TrainSettings):
-    """A DeepSpeed ZeRO engine over the same model, optimizer and schedule (only `trainable` is partitioned)."""
+def _deepspeed_engine(model, trainable, optimizer, scheduler, settings: TrainSettings, device: torch.device):
+    """A DeepSpeed ZeRO engine over the same model, optimizer and schedule (only `trainable` is partitioned).
+
+    bf16 trainable weights (full-parameter training of a bf16 model) turn on DeepSpeed's bf16 mode, whose ZeRO
+    optimizer keeps fp32 master partitions; fp32 trainable values (masks, adapters) are optimised as they are.
+    """
     import deepspeed
 
+    init_single_process_group(device)  # DeepSpeed needs a process group, also in one plain `python` process
     config = json.loads(Path(settings.deepspeed).read_text())
     auto = {"train_micro_batch_size_per_gpu": settings.batch_size, "gradient_accumulation_steps": settings.grad_accum,
             "gradient_clipping": settings.max_grad_norm}
@@ -221,15 +249,25 @@ def _deepspeed_engine(model, trainable, optimizer, scheduler, settings: TrainSet
     return engine
 
 
+def _check_resume_format(resume_state: dict[str, Any], deepspeed: bool) -> None:
+    # The two paths keep the optimizer state in different formats (DeepSpeed's partitions vs one torch state dict).
+    written_with = "optimizer" not in resume_state
+    if written_with != deepspeed:
+        how = "with" if written_with else "without"
+        raise ConfigError(f"{resume_state['checkpoint']} was written {how} DeepSpeed and holds its optimizer state in "
+                          f"that format; resume {how} deepspeed=, or delete the run directory")
+
+
 def _trainable_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # Only LoRA adapters need this: masked values and full weights are restored from the plain checkpoint.
-    if not hasattr(model, "peft_config"):
+    """Masked values and LoRA adapters as trained (fp32 masters); full-parameter runs restore from the weights."""
+    params = list(model.named_parameters())
+    if all(p.requires_grad for _, p in params):
         return {}
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().clone() for n, p in params if p.requires_grad}
 
 
 def load_resume_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    return {**torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True), "checkpoint": str(checkpoint)}
 
 
 def restore_trainable(model: torch.nn.Module, state: dict[str, Any]) -> None:
@@ -246,12 +284,11 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _mean_across_ranks(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / world_size()
+def _mean_across_ranks(value: torch.Tensor) -> float:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+    return value.item() / world_size()
 
 
 def _average_gradients(params: list[torch.nn.Parameter]) -> None:

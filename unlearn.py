@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dataloader import UnlearnDataset, get_loss, load_idk, load_tofu, retain_split_for, sequence_nll
 from masking import apply_lora, apply_value_vector_mask, base_model
-from models import family_config, load_model, load_tokenizer, resolve_model_path
+from models import DTYPES, family_config, load_model, load_tokenizer, resolve_model_path, resolve_precision
 from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
 from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, checkpoints, find_final, load_plain_weights,
                      load_resume_state, restore_trainable, train)
@@ -109,6 +109,11 @@ def unlearn(cfg: DictConfig) -> None:
         raise ConfigError(f"mask_path={c['mask_path']} does not exist; expected a mask file from generate_mask.py")
     if spec.resident_ref and c["forget_loss"] == "rt_diff" and not c["retain_model_path"]:
         raise ConfigError("forget_loss=rt_diff needs retain_model_path=<model trained on the retain split>")
+    c["precision"] = resolve_precision(c["precision"], device)
+    if c["precision"] != "fp32" and not (c["mask_path"] or c["lora_r"] > 0 or c["deepspeed"]):
+        raise ConfigError(f"full-parameter training with precision={c['precision']} and no fp32 master weights loses "
+                          "most small updates; pass deepspeed=config/ds_config.json (ZeRO keeps fp32 masters, also "
+                          "on one GPU) or precision=fp32")
     out = run_dir(c, world_size)
     check_writable(out)
     check_same_run(out, c)
@@ -126,18 +131,15 @@ def unlearn(cfg: DictConfig) -> None:
     log.info("loaded %d %s examples%s from %s", len(dataset), c["forget_split"],
              f" (+ {c['retain_split']})" if retain_rows else "", c["data_path"] or "the hub")
 
-    model = load_model(model_path, device)
+    model = load_model(model_path, device, DTYPES[c["precision"]])
     for part in spec.cached_ref:
         dataset.ref_nll[part] = reference_nll(model, dataset, part, c["batch_size"], device)
     ref_model = None
     if spec.resident_ref:
         ref_path = c["retain_model_path"] if c["forget_loss"] == "rt_diff" else model_path
-        ref_model = load_model(ref_path, device).eval().requires_grad_(False)
+        ref_model = load_model(ref_path, device, DTYPES[c["precision"]]).eval().requires_grad_(False)
 
     resume_from = broadcast_resume_point(out)
-    if resume_from and c["deepspeed"]:
-        raise ConfigError(f"{resume_from} exists, but resuming under DeepSpeed is not supported (ZeRO partitions the "
-                          "optimizer state); rerun without deepspeed= to resume, or delete the run directory")
     resume_state = load_resume_state(resume_from) if resume_from else None
     if resume_from and c["lora_r"] == 0:
         load_plain_weights(model, resume_from)
