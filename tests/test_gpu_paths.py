@@ -76,3 +76,26 @@ def test_working_flash_attn_is_chosen_and_logged(fake_flash_attn, monkeypatch, c
     # What transformers cannot use (not installed, too old, no GPU) is never tried.
     monkeypatch.setattr(models, "is_flash_attn_2_available", lambda: False)
     assert models.attention_implementation(CPU) == "sdpa"
+
+
+# ---- The GPU environment installs what the CPU one does ----
+
+def _pins(lines: list[str]) -> dict[str, str]:
+    """name -> version of the `name==version` requirement lines (comments and pip options skipped)."""
+    pins = [line.split("#")[0].strip() for line in lines]
+    return dict(pin.lower().split("==") for pin in pins if pin and not pin.startswith("-"))
+
+
+def test_gpu_environment_pins_equal_requirements_txt():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert _pins(pip) == _pins((ROOT / "requirements.txt").read_text().splitlines())
+    # The same torch version, from PyTorch's CUDA wheel index.
+    assert "--extra-index-url https://download.pytorch.org/whl/cu128" in pip
+
+
+def test_gpu_setup_installs_the_deepspeed_version_of_the_cpu_setup():
+    def deepspeed_pins(script: str) -> list[str]:
+        return re.findall(r"deepspeed==(\S+)", (ROOT / "scripts" / script).read_text())
+
+    assert deepspeed_pins("setup_gpu.sh") == deepspeed_pins("setup.sh") and len(deepspeed_pins("setup.sh")) == 1
