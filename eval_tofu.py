@@ -33,7 +33,7 @@ FORGET_SPLITS = ("forget01", "forget05", "forget10")
 # Keys that never change per-sample values: a result with other values here is still reused.
 NOT_CACHE_KEYS = ("overwrite", "retain_result")
 # Bumped whenever the evaluator's per-sample values change meaning, so older JSONs are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: generation also stops at the chat template's end-of-turn
 # Files up to this size are fingerprinted by content; larger weight shards by size and modification time.
 HASHED_FILE_BYTES = 64 << 20
 RESULT_NAME = re.compile(r"eval_.*\.json")

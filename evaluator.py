@@ -165,18 +165,32 @@ def prompt_ids(encoding: dict[str, list[int]]) -> list[int]:
     return encoding["input_ids"][:start]
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any]) -> list[int]:
+    """Every token that ends an answer: the tokenizer's EOS, the chat template's end-of-turn and the model's own.
+
+    Llama-3.1 ends an assistant turn with <|eot_id|>, not its EOS <|end_of_text|>; stopping on EOS alone lets a
+    greedy answer run on into template text. The end-of-turn is what training taught: encode_qa's last label.
+    """
+    end_of_turn = encode_qa(tokenizer, family, "?", "yes", max_length=1 << 30)["labels"][-1]  # never truncated
+    model_eos = model.generation_config.eos_token_id
+    model_eos = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
+    ids = [tokenizer.eos_token_id, end_of_turn, *model_eos]
+    return sorted({i for i in ids if i is not None})
+
+
 @torch.inference_mode()
-def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
-                     batch_size: int, max_new_tokens: int) -> list[str]:
+def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+                     prompts: Sequence[list[int]], batch_size: int, max_new_tokens: int) -> list[str]:
     """Greedy continuations of the prompts (token ids), left-padded and batched by prompt length, decoded."""
     device = _device(model)
     model.eval()
-    # A fresh config, so a model's sampling defaults (temperature, top_p, extra stop ids) never leak in. A static
-    # KV cache is preallocated instead of grown by concatenation every step (~30% faster on CPU); auto-compilation,
-    # which HF would start for it on GPUs, would recompile for every batch shape.
+    # A fresh config, so a model's sampling defaults (temperature, top_p) never leak in. A static KV cache is
+    # preallocated instead of grown by concatenation every step (~30% faster on CPU); auto-compilation, which HF
+    # would start for it on GPUs, would recompile for every batch shape.
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
                               cache_implementation="static", disable_compile=True,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                              eos_token_id=stop_token_ids(model, tokenizer, family),
+                              pad_token_id=tokenizer.pad_token_id)
 
     def run(idx: list[int]) -> list[str]:
         batch = pad_batch([{"input_ids": prompts[i]} for i in idx], tokenizer.pad_token_id, left=True)
@@ -275,7 +289,7 @@ def evaluate_split(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, f
     else:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     prompts = [prompt_ids(_encode(tokenizer, family, settings, row["question"], row["answer"])) for row in rows]
-    out["generation"] = generate_answers(model, tokenizer, prompts, settings.generation_batch_size,
+    out["generation"] = generate_answers(model, tokenizer, family, prompts, settings.generation_batch_size,
                                          settings.max_new_tokens)
     out["rouge_l_recall"] = [float(s) for s in M.rouge_l_recall(out["generation"], [row["answer"] for row in rows])]
     return out

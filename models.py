@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import is_flash_attn_2_available
 
 from runtime import ConfigError, atomic_path, barrier, is_main
 
@@ -143,10 +143,33 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     return precision
 
 
+def flash_attn_error(device: torch.device) -> str | None:
+    """Why flash-attn's kernel fails on device (None when it runs), from one call on a tiny input.
+
+    An installed flash-attn can still be unusable (built against another torch, so its import fails on an
+    undefined symbol, or another flash-attn generation under the same name): without this trial the run would end
+    in a traceback at the first forward pass.
+    """
+    try:
+        from flash_attn import flash_attn_func
+
+        q = torch.zeros(1, 2, 1, 64, device=device, dtype=torch.bfloat16)  # (batch, sequence, heads, head dim)
+        flash_attn_func(q, q, q, causal=True)
+    except Exception as err:  # ImportError, OSError, RuntimeError, TypeError ...: any failure rules it out
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def attention_implementation(device: torch.device) -> str:
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    """flash_attention_2 when transformers can use flash-attn and its kernel runs on device, else sdpa."""
+    if not is_flash_attn_2_available():
+        return "sdpa"
+    error = flash_attn_error(device)
+    if error is not None:
+        log.warning("attention: sdpa, as flash-attn is installed but fails on %s (%s)", device, error)
+        return "sdpa"
+    log.info("attention: flash_attention_2 (flash-attn runs on %s)", device)
+    return "flash_attention_2"
 
 
 def load_tokenizer(model_family: str, path: str):

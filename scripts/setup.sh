@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install the pinned CPU requirements (GPU users: see environment.yml).
+# Create .venv and install the pinned CPU requirements (GPU nodes: scripts/setup_gpu.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

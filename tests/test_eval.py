@@ -19,7 +19,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import evaluator as E
 import metrics as M
@@ -160,6 +160,72 @@ def test_length_batches_are_even_sorted_and_complete():
     assert [len(b) for b in E.length_batches(list(range(400)), 128)] == [100] * 4
 
 
+# ---- Stopping at the end of the assistant turn (Llama-3 chat format) ----
+
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<|eom_id|>", "<|finetune_right_pad_id|>"]
+LLAMA3_VOCAB = {w: i for i, w in enumerate([*LLAMA3_SPECIAL, "user", "assistant", "q", "x", "y"])}
+# Llama-3's template without the system header: every turn ends with <|eot_id|>, while EOS is <|end_of_text|>.
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+# Greedy next token of the bigram Llama: the answer "x y", the end of the turn, then template text, round and round.
+LLAMA3_NEXT = {"<|end_header_id|>": "x", "x": "y", "y": "<|eot_id|>", "<|eot_id|>": "<|start_header_id|>",
+               "<|start_header_id|>": "assistant", "assistant": "<|end_header_id|>"}
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(tok_models.WordLevel(LLAMA3_VOCAB, unk_token="q"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>", pad_token="<|finetune_right_pad_id|>",
+                                   additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>",
+                                                              "<|eot_id|>", "<|eom_id|>"])
+    fast.chat_template = LLAMA3_TEMPLATE
+    return fast
+
+
+def bigram_llama(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A LlamaForCausalLM whose greedy next token depends only on the current one (LLAMA3_NEXT).
+
+    Attention and MLP outputs are zero, so the final hidden state is the one-hot token embedding (scaled by the
+    norm), and lm_head maps each token to its successor.
+    """
+    vocab = len(tokenizer)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab, config.hidden_size))
+        model.lm_head.weight.zero_()
+        for word, next_word in LLAMA3_NEXT.items():
+            model.lm_head.weight[LLAMA3_VOCAB[next_word], LLAMA3_VOCAB[word]] = 1.0
+    return model
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn(llama3_tokenizer):
+    tokenizer = llama3_tokenizer
+    assert tokenizer.eos_token_id != tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    prompts = [E.prompt_ids(encode_qa(tokenizer, STUB_FAMILY, "q", "x y", 32))]
+    model = bigram_llama(tokenizer)
+    assert E.generate_answers(model, tokenizer, STUB_FAMILY, prompts, batch_size=1, max_new_tokens=12) == ["x y"]
+
+
+def test_stop_tokens_include_the_models_generation_config_eos(llama3_tokenizer):
+    ids = llama3_tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+    model = bigram_llama(llama3_tokenizer)
+    assert E.stop_token_ids(model, llama3_tokenizer, STUB_FAMILY) == sorted([ids[0], ids[2]])
+    # Llama-3.1-Instruct's generation_config.json lists EOS, <|eom_id|> and <|eot_id|>.
+    model.generation_config.eos_token_id = ids
+    assert E.stop_token_ids(model, llama3_tokenizer, STUB_FAMILY) == sorted(ids)
+
+
 # ---- The tiny Llama ----
 
 @pytest.fixture(scope="module")
@@ -196,8 +262,9 @@ def test_left_padded_batched_generation_equals_unbatched(tiny):
     model, tokenizer, _ = tiny
     prompts = [E.prompt_ids(e) for e in _encodings(tokenizer, 6)[::2]]
     assert len({len(p) for p in prompts}) > 1
-    batched = E.generate_answers(model, tokenizer, prompts, batch_size=6, max_new_tokens=12)
-    single = [E.generate_answers(model, tokenizer, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]
+    family = family_config("tiny")
+    batched = E.generate_answers(model, tokenizer, family, prompts, batch_size=6, max_new_tokens=12)
+    single = [E.generate_answers(model, tokenizer, family, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]
     assert batched == single
     assert all(g.strip() for g in batched)
 
