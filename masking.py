@@ -51,11 +51,9 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modu
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    for p in trainable:  # fp32 masters; peft casts the adapter's input to their dtype and its output back
-        p.data = p.data.float()
-    return peft_model, trainable
+    # autocast_adapter_dtype: fp32 adapters (masters) on a bf16 model; peft casts their input and output.
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
