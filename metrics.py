@@ -129,22 +129,27 @@ def extraction_strength_batch(correct: ArrayLike, mask: ArrayLike, convention: s
     mask = np.asarray(mask, dtype=bool)
     if correct.ndim != 2 or correct.shape != mask.shape:
         raise ValueError(f"correct and mask must be 2-D of one shape, got {correct.shape} and {mask.shape}")
+    has_answer = mask.any(axis=1)
+    if convention == "open_unlearning":
+        # open-unlearning scores the label tokens without the last one (the end-of-turn token).
+        mask = mask & (np.cumsum(mask, axis=1) < mask.sum(axis=1, keepdims=True))
     n = mask.sum(axis=1)
     # Greedy decoding from a prefix reproduces the rest iff every later teacher-forced prediction is right, so the
     # shortest sufficient prefix ends at the last wrong answer token: k = its 1-based rank among answer tokens (0 if none).
     rank = np.cumsum(mask, axis=1)
     k = np.where(mask & ~correct, rank, 0).max(axis=1, initial=0)
     if convention == "open_unlearning":
-        # open-unlearning only tries prefixes 0..n-1, so a wrong final token leaves k = n-1.
+        # It also tries prefixes 0..n-1 only, so a wrong final token leaves k = n-1; an answer of one label token
+        # (nothing left) scores 0 there.
         k = np.minimum(k, n - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(n > 0, 1.0 - k / n, np.nan)
+        return np.where(n > 0, 1.0 - k / n, np.where(has_answer, 0.0, np.nan))
 
 
 def extraction_strength(correct: ArrayLike, convention: str = "paper") -> float:
     """Extraction strength ES = 1 - k/n of one answer; correct[j] says whether the greedy next token after the
-    question and y[:j] is y[j]. convention: "paper" (Wang et al. 2025) or "open_unlearning" (1/n, not 0, when the
-    last token is wrong)."""
+    question and y[:j] is y[j]. convention: "paper" (Wang et al. 2025) or "open_unlearning" (the final token, the
+    end-of-turn, left out of the answer, and 1/n, not 0, when the last token left is wrong)."""
     correct = np.asarray(correct, dtype=bool)
     if correct.ndim != 1 or correct.size == 0:
         raise ValueError(f"correct must be a non-empty 1-D array, got shape {correct.shape}")

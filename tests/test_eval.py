@@ -134,10 +134,12 @@ def test_factual_split_normalized_probability_and_truth_ratio_by_hand(word_token
 
 @pytest.mark.parametrize("convention, expected", [
     # "x y": Answer:->x, x->y, y->EOS all greedy: reproduced from the question alone, ES 1.
-    # "y x": no answer token is the greedy one: ES 0 (open-unlearning: 1/n = 1/3, as the last token is wrong).
+    # "y x": no answer token is the greedy one: ES 0.
     # "x z": right, wrong (x->y), right (z->EOS): k = 2 of n = 3, ES 1/3.   "z": wrong, right: ES 1 - 1/2.
     ("paper", [1.0, 0.0, 1 / 3, 1 / 2]),
-    ("open_unlearning", [1.0, 1 / 3, 1 / 3, 1 / 2]),
+    # open-unlearning drops the EOS label, then caps k at n - 1: "y x" [wrong, wrong] and "x z" [right, wrong] give
+    # 1 - 1/2; "z" [wrong] gives 1 - 0/1.
+    ("open_unlearning", [1.0, 1 / 2, 1 / 2, 1.0]),
 ])
 def test_extraction_strength_by_hand(word_tokenizer, convention, expected):
     enc = [encode_qa(word_tokenizer, STUB_FAMILY, "q", a, 32) for a in ("x y", "y x", "x z", "z")]

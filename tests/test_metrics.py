@@ -93,17 +93,32 @@ def test_model_utility_harmonic_mean_and_zero():
 @pytest.mark.parametrize(
     ("correct", "paper", "open_unlearning"),
     [
+        # open-unlearning first drops the final label token (the end-of-turn), then scores the rest.
         ([True, True, True, True], 1.0, 1.0),  # k = 0
-        ([False, False, False, False], 0.0, 0.25),  # k = 4; open-unlearning stops at k = 3
-        ([True, False, True, True], 0.5, 0.5),  # last wrong is token 2 -> k = 2
-        ([False, True, True, True], 0.75, 0.75),  # k = 1
-        ([True, True, True, False], 0.0, 0.25),  # only the last token wrong still forces k = n
-        ([False], 0.0, 1.0),  # n = 1: open-unlearning scores 1/n = 1
+        ([False, False, False, False], 0.0, 1 / 3),  # k = 4; open-unlearning: [F, F, F] stops at k = 2 of 3
+        ([True, False, True, True], 0.5, 1 / 3),  # last wrong is token 2 -> k = 2 of 4; of 3 without the last
+        ([False, True, True, True], 0.75, 2 / 3),  # k = 1 of 4; of 3
+        ([True, True, True, False], 0.0, 1.0),  # only the last token wrong: k = n; open-unlearning never sees it
+        ([False, True], 0.5, 1.0),  # [F] alone: open-unlearning stops at k = 0
+        ([False], 0.0, 0.0),  # n = 1: nothing left for open-unlearning, which scores 0
     ],
 )
 def test_extraction_strength_cases(correct, paper, open_unlearning):
     assert M.extraction_strength(correct) == pytest.approx(paper)
     assert M.extraction_strength(correct, convention="open_unlearning") == pytest.approx(open_unlearning)
+
+
+def test_open_unlearning_es_drops_the_end_of_turn_token_and_scores_1_over_n_without_a_match():
+    # Greedy correctness of 3 answer tokens and the end-of-turn token.
+    # [T, F, T | F]: paper k = 4 of 4 -> 0. open-unlearning scores [T, F, T]: k = 2 of 3 -> 1/3
+    #   (leaving the end-of-turn in n, with 1/n where no suffix matches, would give 1/4).
+    # [T, T, F | T]: paper k = 3 of 4 -> 1/4. open-unlearning: no suffix of [T, T, F] matches, k stops at 2 -> 1/3
+    #   (with the end-of-turn in n: 1/4).
+    T, F = True, False
+    correct = [[F, T, F, T, F], [F, T, T, F, T]]
+    mask = [[F, T, T, T, T], [F, T, T, T, T]]
+    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask), [0.0, 0.25])
+    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask, "open_unlearning"), [1 / 3, 1 / 3])
 
 
 def test_extraction_strength_matches_literal_definitions():
@@ -113,22 +128,25 @@ def test_extraction_strength_matches_literal_definitions():
         n = correct.size
         # Paper: smallest k in 0..n such that every prediction from k on is right.
         k_paper = next(k for k in range(n + 1) if correct[k:].all())
-        # open-unlearning: first k in range(n) whose suffix matches, else the loop leaves k = n - 1.
-        k_ou = next((k for k in range(n) if correct[k:].all()), n - 1)
         assert M.extraction_strength(correct) == pytest.approx(1 - k_paper / n)
-        assert M.extraction_strength(correct, "open_unlearning") == pytest.approx(1 - k_ou / n)
+        # open-unlearning: the labels without the last; the first k in range(n') whose suffix matches, else the loop
+        # leaves k = n' - 1; no labels left scores 0.
+        body = correct[:-1]
+        k_ou = next((k for k in range(body.size) if body[k:].all()), body.size - 1)
+        expected = 1 - k_ou / body.size if body.size else 0.0
+        assert M.extraction_strength(correct, "open_unlearning") == pytest.approx(expected)
 
 
 def test_extraction_strength_batch_uses_only_answer_positions():
     T, F = True, False
     correct = [[T, F, T, F, T, T],  # question positions are wrong but masked out; answer [T, F, T, T] -> 0.5
-               [T, T, F, F, F, F],  # answer [F, F, F] -> 0 (paper), 1/3 (open-unlearning)
+               [T, T, F, F, F, F],  # answer [F, F, F] -> 0 (paper), [F, F]: 1/2 (open-unlearning)
                [T, T, T, T, T, T]]  # no answer tokens -> NaN
     mask = [[F, F, T, T, T, T],
             [F, F, F, T, T, T],
             [F, F, F, F, F, F]]
     np.testing.assert_allclose(M.extraction_strength_batch(correct, mask), [0.5, 0.0, np.nan])
-    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask, "open_unlearning"), [0.5, 1 / 3, np.nan])
+    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask, "open_unlearning"), [1 / 3, 1 / 2, np.nan])
     with pytest.raises(ValueError):
         M.extraction_strength_batch(correct, mask, "wang")
     with pytest.raises(ValueError):
