@@ -276,3 +276,77 @@ def test_rouge_with_memoised_stemmer_equals_rouge_score_default():
         expected = [stock.score(r, p)["rougeL"].recall for p, r in zip(preds, refs)]
         np.testing.assert_array_equal(M.rouge_l_recall(preds, refs), expected)
     assert 0 < expected[0] < 1
+
+
+# ---- Membership inference ----
+
+def test_min_k_score_averages_the_lowest_int_n_k_log_probs():
+    logp = np.log([0.5, 0.1, 0.25, 0.05, 0.8])
+    # n = 5, k = 0.4: int(2.0) = 2 lowest, log 0.05 and log 0.1 -> score -(log 0.05 + log 0.1) / 2 = log(sqrt(200))
+    assert M.min_k_score(logp, 0.4) == pytest.approx(np.log(sqrt(200)))
+    # k = 0.1: int(0.5) = 0, at least one token -> -log 0.05; k = 1: minus the mean of all (the loss).
+    assert M.min_k_score(logp, 0.1) == pytest.approx(np.log(20))
+    assert M.min_k_score(logp, 1.0) == pytest.approx(-np.mean(logp))
+    with pytest.raises(ValueError):
+        M.min_k_score([], 0.4)
+    with pytest.raises(ValueError):
+        M.min_k_score(logp, 0.0)
+
+
+def test_min_k_plus_plus_standardises_by_the_next_token_distribution():
+    logp = [-1.0, -3.0, -2.0]
+    mu = [-2.0, -1.0, -2.0]
+    var = [4.0, 1.0, 0.0]
+    # z = (-1 + 2) / 2 = 0.5, (-3 + 1) / 1 = -2, (-2 + 2) / sqrt(1e-6) = 0 (variance clamped at 1e-6).
+    # k = 0.4: int(1.2) = 1 lowest -> 2.0; k = 1: -(0.5 - 2 + 0) / 3 = 0.5.
+    assert M.min_k_plus_plus_score(logp, mu, var, 0.4) == pytest.approx(2.0)
+    assert M.min_k_plus_plus_score(logp, mu, var, 1.0) == pytest.approx(0.5)
+    # The clamp is what keeps a deterministic distribution finite: z = (-1.5 + 1) / 1e-3 = -500.
+    assert M.min_k_plus_plus_score([-1.5], [-1.0], [0.0], 0.4) == pytest.approx(500.0)
+    with pytest.raises(ValueError):
+        M.min_k_plus_plus_score(logp, mu[:2], var, 0.4)
+
+
+def test_zlib_and_reference_scores():
+    import zlib
+
+    texts = ["aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "The Silent Harbor was written in Lisbon."]
+    lengths = [len(zlib.compress(t.encode())) for t in texts]
+    assert lengths[0] < lengths[1]  # repetition compresses: zlib normalises loss by how surprising the text is
+    np.testing.assert_array_equal(M.zlib_length(texts), lengths)
+    np.testing.assert_allclose(M.zlib_score([2.0, 3.0], texts), [2.0 / lengths[0], 3.0 / lengths[1]])
+    np.testing.assert_allclose(M.reference_score([2.0, 0.5], [1.5, 1.0]), [0.5, -0.5])
+    with pytest.raises(ValueError):
+        M.zlib_score([1.0], texts)
+
+
+def _pairwise_auc(forget, holdout) -> float:
+    wins = sum((h > f) + 0.5 * (h == f) for h in holdout for f in forget)
+    return wins / (len(holdout) * len(forget))
+
+
+def test_mia_auc_is_the_pairwise_count_with_ties_as_half():
+    forget, holdout = [1.0, 2.0, 2.0, 5.0], [2.0, 3.0, 0.5]
+    # holdout 2.0: beats 1.0, ties two 2.0s -> 2; 3.0: beats three -> 3; 0.5: 0. (1 + 1 + 3) / 12 = 5/12.
+    assert M.mia_auc(forget, holdout) == pytest.approx(5 / 12)
+    assert M.mia_auc(forget, holdout) == pytest.approx(_pairwise_auc(forget, holdout))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        f, h = rng.integers(0, 6, size=int(rng.integers(1, 30))), rng.integers(0, 6, size=int(rng.integers(1, 30)))
+        assert M.mia_auc(f, h) == pytest.approx(_pairwise_auc(f, h))
+    # Orientation: forget scores lower (more member-like) than every holdout score -> 1; the reverse -> 0.
+    assert M.mia_auc([0.1, 0.2], [0.3, 0.4]) == 1.0 and M.mia_auc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert M.mia_auc([1.0, 1.0], [1.0]) == 0.5
+    with pytest.raises(ValueError):
+        M.mia_auc([], [1.0])
+    with pytest.raises(ValueError):
+        M.mia_auc([np.nan], [1.0])
+
+
+def test_privleak_relative_to_the_retain_auc():
+    assert M.privleak(0.6, 0.6) == 0.0  # the retain model against itself
+    # (0.5 - 0.95) / (1 - 0.5) x 100 = -90: a memorised forget set; (0.6 - 0.4) / 0.4 x 100 = 50.
+    assert M.privleak(0.95, 0.5) == pytest.approx(-90.0)
+    assert M.privleak(0.4, 0.6) == pytest.approx(50.0)
+    with pytest.raises(ValueError):
+        M.privleak(0.5, 1.0)
