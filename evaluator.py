@@ -146,21 +146,22 @@ def score_answers(model: torch.nn.Module, encodings: Sequence[dict[str, list[int
         counts = answer.sum(1)
         shifted = picked.sub_(best[:, None])
         want = torch.tensor([i in token_stats for i in idx], device=device)
+        wanted_rows = want[rows]
         # The answer rows of the samples that want token statistics are copied out before the in-place exp below.
-        kept = shifted[want[rows]] if want.any() else None
+        kept = shifted[wanted_rows] if not token_stats.isdisjoint(idx) else None
         # log-sum-exp in place on this float32 copy: no full-vocabulary log-softmax is ever materialised.
         log_z = shifted.exp_().sum(-1).log()
         log_norm = best + log_z
         token_nll = log_norm - target_logit
         stats: list[TokenStats | None] = [None] * len(idx)
         if kept is not None:
-            logp = kept.sub_(log_z[want[rows], None])
+            logp = kept.sub_(log_z[wanted_rows, None])
             p = logp.exp()
             mu = (p * logp).sum(-1)
             # sum p (log p - mu)^2 equals sum p (log p)^2 - mu^2 without that form's cancellation in float32.
             var = (p * logp.sub_(mu[:, None]).square_()).sum(-1)
             sizes = counts[want].tolist()
-            columns = [torch.split(c.double().cpu(), sizes) for c in (-token_nll[want[rows]], mu, var)]
+            columns = [torch.split(c.double().cpu(), sizes) for c in (-token_nll[wanted_rows], mu, var)]
             for j, parts in zip(want.nonzero()[:, 0].tolist(), zip(*columns)):
                 stats[j] = TokenStats(*(part.numpy() for part in parts))
         nll_sum = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, token_nll.double())
