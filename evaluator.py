@@ -42,6 +42,8 @@ RETAIN_ES = "retain_es"
 HOLDOUT = "holdout"
 # Per-sample keys of the attack scores, in metrics.MIA_ATTACKS order; higher means less member-like.
 MIA_KEYS = {attack: f"mia_{attack}" for attack in M.MIA_ATTACKS}
+# Vocabulary rows per chunk of the next-token moments: 4 MiB of float32.
+MOMENT_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,28 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _log_prob_moments(shifted: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean mu and variance var of log p under the next-token distribution p = softmax, for the rows `index` (not
+    empty) of logits shifted by their row maximum (s = logit - max <= 0).
+
+    With e = exp(s), Z = sum e and log p = s - log Z: mu = E_p[s] - log Z, var = E_p[s^2] - E_p[s]^2. s is small
+    where the mass is, so the float32 cancellation in var stays near 1e-7 E_p[s^2]. Rows go in chunks of about
+    MOMENT_CHUNK values: temporaries stay cache-sized, where (rows, vocabulary) ones cost more in fresh pages on a CPU
+    than the arithmetic.
+    """
+    step = max(1, MOMENT_CHUNK // shifted.shape[-1])
+    mu, var = [], []
+    for part in index.split(step):
+        s = shifted.index_select(0, part)
+        e = s.exp()
+        z = e.sum(-1)
+        mean_s = torch.linalg.vecdot(e, s) / z
+        mean_s2 = torch.linalg.vecdot(e.mul_(s), s) / z
+        mu.append(mean_s - z.log())
+        var.append((mean_s2 - mean_s.square()).clamp_(min=0.0))
+    return torch.cat(mu), torch.cat(var)
+
+
 @torch.inference_mode()
 def score_answers(model: torch.nn.Module, encodings: Sequence[dict[str, list[int]]], batch_size: int,
                   es_convention: str | None = None, desc: str = "scoring",
@@ -147,19 +171,15 @@ def score_answers(model: torch.nn.Module, encodings: Sequence[dict[str, list[int
         shifted = picked.sub_(best[:, None])
         want = torch.tensor([i in token_stats for i in idx], device=device)
         wanted_rows = want[rows]
-        # The answer rows of the samples that want token statistics are copied out before the in-place exp below.
-        kept = shifted[wanted_rows] if not token_stats.isdisjoint(idx) else None
+        wanted_index = wanted_rows.nonzero()[:, 0]
+        # Before the in-place exp below, which overwrites the shifted logits.
+        moments = _log_prob_moments(shifted, wanted_index) if len(wanted_index) else None
         # log-sum-exp in place on this float32 copy: no full-vocabulary log-softmax is ever materialised.
-        log_z = shifted.exp_().sum(-1).log()
-        log_norm = best + log_z
+        log_norm = best + shifted.exp_().sum(-1).log()
         token_nll = log_norm - target_logit
         stats: list[TokenStats | None] = [None] * len(idx)
-        if kept is not None:
-            logp = kept.sub_(log_z[wanted_rows, None])
-            p = logp.exp()
-            mu = (p * logp).sum(-1)
-            # sum p (log p - mu)^2 equals sum p (log p)^2 - mu^2 without that form's cancellation in float32.
-            var = (p * logp.sub_(mu[:, None]).square_()).sum(-1)
+        if moments is not None:
+            mu, var = moments
             sizes = counts[want].tolist()
             columns = [torch.split(c.double().cpu(), sizes) for c in (-token_nll[wanted_rows], mu, var)]
             for j, parts in zip(want.nonzero()[:, 0].tolist(), zip(*columns)):

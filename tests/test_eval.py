@@ -243,21 +243,34 @@ def _encodings(tokenizer, n: int) -> list[dict[str, list[int]]]:
             for r in rows for a in (r["answer"], r["paraphrased_answer"])]
 
 
-def test_batched_scoring_equals_one_at_a_time_and_full_log_softmax(tiny):
+def test_batched_scoring_equals_one_at_a_time_and_full_log_softmax(tiny, monkeypatch):
     model, tokenizer, _ = tiny
     enc = _encodings(tokenizer, 5)
     assert len({len(e["input_ids"]) for e in enc}) > 1  # padding really happens
-    batched = E.score_answers(model, enc, batch_size=4, es_convention="paper")
-    single = E.score_answers(model, enc, batch_size=1, es_convention="paper")
+    # Token statistics of every other encoding, in chunks of 3 vocabulary rows (the chunking must not matter).
+    monkeypatch.setattr(E, "MOMENT_CHUNK", 3 * len(tokenizer))
+    wanted = range(0, len(enc), 2)
+    batched = E.score_answers(model, enc, batch_size=4, es_convention="paper", token_stats=wanted)
+    single = E.score_answers(model, enc, batch_size=1, es_convention="paper", token_stats=wanted)
     np.testing.assert_allclose(batched.mean_nll, single.mean_nll, atol=1e-5)
     assert batched.n_tokens == single.n_tokens and batched.es == single.es
+    assert sorted(batched.tokens) == list(wanted)
     # Independent reference: the full-vocabulary log-softmax of an unpadded forward pass.
-    for e, nll in zip(enc, batched.mean_nll):
+    for i, (e, nll) in enumerate(zip(enc, batched.mean_nll)):
         ids, labels = torch.tensor([e["input_ids"]]), torch.tensor(e["labels"][1:])
         with torch.no_grad():
-            logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            logp = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
         answer = labels != -100
-        assert nll == pytest.approx(-logp[answer].gather(-1, labels[answer, None]).mean().item(), abs=1e-5)
+        target = logp[answer].gather(-1, labels[answer, None]).squeeze(-1)
+        assert nll == pytest.approx(-target.mean().item(), abs=1e-5)
+        if i in wanted:
+            p = logp[answer].exp()
+            mu = (p * logp[answer]).sum(-1)
+            for got in (batched.tokens[i], single.tokens[i]):
+                np.testing.assert_allclose(got.logp, target.numpy(), atol=1e-5)
+                np.testing.assert_allclose(got.mu, mu.numpy(), atol=1e-5)
+                np.testing.assert_allclose(got.var, (p * (logp[answer] - mu[:, None]) ** 2).sum(-1).numpy(),
+                                           rtol=1e-4, atol=1e-5)
 
 
 def test_left_padded_batched_generation_equals_unbatched(tiny):
