@@ -101,24 +101,29 @@ def compare(split: str, batched: dict, single: dict) -> None:
 
 def mia_ratio(model, tokenizer, family, data: dict, holdout: list[dict], settings: E.EvalSettings,
               repeats: int) -> None:
-    """Time run_evaluation without and with the holdout split (MIA off / on), alternating which goes first, and print
-    each run and the ratio of the median times."""
-    seconds: dict[str, list[float]] = {"off": [], "on": []}
+    """Time run_evaluation without and with the holdout split (MIA off / on) in adjacent pairs, alternating which goes
+    first, and print each pair and the median of the pairs' on/off ratios, in wall and in CPU time."""
+    times: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
     for r in range(repeats):
         for label in ("off", "on") if r % 2 == 0 else ("on", "off"):
             runs = data if label == "off" else {**data, E.HOLDOUT: holdout}
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             E.run_evaluation(model, tokenizer, family, runs, settings)
-            seconds[label].append(time.perf_counter() - start)
+            times[label].append((time.perf_counter() - wall, time.process_time() - cpu))
     n = sum(len(rows) for rows in data.values())
     print(f"## full forget10 evaluation ({n} questions), MIA off vs on ({len(holdout)} holdout10 answers, "
-          f"mia_k={settings.mia_k}); {repeats} alternating repeats")
-    print("| repeat | MIA off s | MIA on s |\n|---|---|---|")
-    for r, (off, on) in enumerate(zip(seconds["off"], seconds["on"])):
-        print(f"| {r + 1} | {off:.1f} | {on:.1f} |")
-    ratio = float(np.median(seconds["on"]) / np.median(seconds["off"]))
-    print(f"\nMIA on/off evaluation time ratio: {ratio:.3f} (medians; goal <= {MIA_GOAL}: "
-          f"{'met' if ratio <= MIA_GOAL else 'NOT met'})")
+          f"mia_k={settings.mia_k}); {repeats} adjacent pairs, alternating order")
+    print("| pair | MIA off s (CPU s) | MIA on s (CPU s) | ratio wall | ratio CPU |\n|---|---|---|---|---|")
+    ratios = []
+    for r, ((off, off_cpu), (on, on_cpu)) in enumerate(zip(times["off"], times["on"])):
+        ratios.append((on / off, on_cpu / off_cpu))
+        print(f"| {r + 1} | {off:.1f} ({off_cpu:.1f}) | {on:.1f} ({on_cpu:.1f}) | {on / off:.3f} | "
+              f"{on_cpu / off_cpu:.3f} |")
+    # Pairs are adjacent in time and the ratio is taken within each, so load that drifts between pairs cancels; CPU
+    # time also leaves out the time other processes held the cores.
+    wall, cpu = np.median(ratios, axis=0)
+    print(f"\nMIA on/off evaluation time ratio: {wall:.3f} wall, {cpu:.3f} CPU (medians over pairs; goal <= "
+          f"{MIA_GOAL}: {'met' if max(wall, cpu) <= MIA_GOAL else 'NOT met'})")
 
 
 def main() -> None:
