@@ -169,9 +169,10 @@ def retain_privleak_auc(other: dict[str, Any], path: str, c: dict[str, Any], hol
     if key not in per_sample.get("forget", {}) or key not in per_sample.get(HOLDOUT, {}):
         raise ConfigError(f"retain_result={path} has no MIA scores, which privleak needs; evaluate the retain model "
                           f"with mia=true")
-    if other["config"].get("mia_k") != c["mia_k"]:
-        raise ConfigError(f"retain_result={path} used mia_k={other['config'].get('mia_k')}, this run mia_k="
-                          f"{c['mia_k']}; privleak compares the same attack")
+    theirs = other.get("config", {}).get("mia_k")
+    if theirs != c["mia_k"]:
+        raise ConfigError(f"retain_result={path} used mia_k={theirs}, this run mia_k={c['mia_k']}; privleak "
+                          f"compares the same attack")
     if per_sample[HOLDOUT]["question"] != holdout_questions:
         raise ConfigError(f"retain_result={path} scores other {holdout_split(c['forget_split'])} questions than this "
                           f"run; use the same data_path and max_samples for both")

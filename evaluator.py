@@ -42,7 +42,7 @@ RETAIN_ES = "retain_es"
 HOLDOUT = "holdout"
 # Per-sample keys of the attack scores, in metrics.MIA_ATTACKS order; higher means less member-like.
 MIA_KEYS = {attack: f"mia_{attack}" for attack in M.MIA_ATTACKS}
-# Vocabulary rows per chunk of the next-token moments: 4 MiB of float32.
+# Logit values (rows x vocabulary) per chunk of the next-token moments: 4 MiB of float32.
 MOMENT_CHUNK = 1 << 20
 
 

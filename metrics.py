@@ -129,7 +129,8 @@ def extraction_strength_batch(correct: ArrayLike, mask: ArrayLike, convention: s
     """Per-row extraction strength from teacher-forced greedy correctness.
 
     correct[b, t]: the argmax prediction for label position t equals the label; mask[b, t]: t is an answer token.
-    Only masked positions count, in order. Rows with no answer token give NaN.
+    Only masked positions count, in order. Rows with no answer token give NaN (open_unlearning: a row whose only
+    answer token is the final one gives 0, as there).
     """
     if convention not in ES_CONVENTIONS:
         raise ValueError(f"convention must be one of {ES_CONVENTIONS}, got {convention!r}")

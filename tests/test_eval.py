@@ -435,6 +435,10 @@ def test_mia_config_errors(model_dirs, tmp_path):
     path.write_text(json.dumps(no_mia))
     with pytest.raises(ConfigError, match="has no MIA scores, which privleak needs"):
         run_eval(*args, f"retain_result={path}", f"output_dir={tmp_path / 'other'}")
+    # ... nor one whose min-k% averaged another fraction of the tokens.
+    path.write_text(json.dumps(run_eval(*args, "mia_k=0.2", f"output_dir={tmp_path / 'k02'}")))
+    with pytest.raises(ConfigError, match="used mia_k=0.2, this run mia_k=0.4"):
+        run_eval(*args, f"retain_result={path}", f"output_dir={tmp_path / 'other'}")
 
 
 def test_other_model_files_are_never_served_from_the_cache(model_dirs, tmp_path, capsys):
