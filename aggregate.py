@@ -26,9 +26,10 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 THETA_O = "theta_o"
 RUN_CONFIG = "run_config.json"
 CSV_FIELDS = ("name", "run_dir", "seed", "aues", "mu95", "chosen_checkpoint", "final_fs", "final_rs", "final_mu",
-              "final_fq", "final_log10fq", "n_checkpoints")
+              "final_fq", "final_log10fq", "final_privleak", "n_checkpoints")
 RS_FS_PLOT = "rs_fs.png"
 MU_FQ_PLOT = "mu_fq.png"
+PRIVLEAK_PLOT = "privleak_rs.png"
 
 Trajectory = list[tuple[str, int, dict[str, Any]]]
 
@@ -120,9 +121,12 @@ def score_run(trajectory: Trajectory, aues_method: str = "front", mu_threshold: 
         "final_mu": final["model_utility"],
         "final_fq": final["forget_quality"],
         "final_log10fq": final["log10_forget_quality"],
+        # null when the evaluations ran without MIA or without retain_result
+        "final_privleak": final.get("privleak"),
         "n_checkpoints": len(trajectory) - 1,
-        "trajectory": [{"label": label, "step": step, "rs": r, "fs": f, "mu": u, "log10_fq": q}
-                       for (label, step, _), r, f, u, q in zip(trajectory, rs, fs, mu, log10_fq)],
+        "trajectory": [{"label": label, "step": step, "rs": r, "fs": f, "mu": u, "log10_fq": q,
+                        "privleak": summary.get("privleak")}
+                       for (label, step, summary), r, f, u, q in zip(trajectory, rs, fs, mu, log10_fq)],
     }
 
 
@@ -195,6 +199,34 @@ def plot_runs(records: Sequence[dict[str, Any]], retain_summary: dict[str, Any],
         plt.close(fig)
 
 
+def plot_privleak(records: Sequence[dict[str, Any]], out: Path) -> None:
+    """privleak against RS, one line per run from theta_o; the retain model sits at privleak 0 by definition."""
+    missing = [f"{r['name']}/{p['label']}" for r in records for p in r["trajectory"] if p["privleak"] is None]
+    if missing:
+        raise ConfigError(f"privleak is missing for {', '.join(missing)}: evaluate with mia=true and "
+                          f"retain_result=<the retain model's eval JSON> (scripts/eval.sh passes it)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for record in records:
+        points = record["trajectory"]
+        ax.plot([p["rs"] for p in points], [p["privleak"] for p in points], marker="o", ms=3, label=record["name"])
+    theta_o = records[0]["trajectory"][0]
+    ax.plot(theta_o["rs"], theta_o["privleak"], "k*", ms=14, zorder=5, label="θ_o")
+    ax.axhline(0.0, color="red", ls=":", label="retain model (0 by definition)")
+    ax.set_xlabel("Retain Strength (RS)")
+    ax.set_ylabel("privleak (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out / PRIVLEAK_PLOT) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+    plt.close(fig)
+
+
 def cmd_runs(args: argparse.Namespace) -> None:
     names = args.names or default_names(args.run_dirs)
     if len(names) != len(args.run_dirs):
@@ -216,11 +248,17 @@ def cmd_runs(args: argparse.Namespace) -> None:
                                    "runs": records})
     write_csv(out / "runs.csv", records)
     plot_runs(records, retain["summary"], out)
-    print(_markdown(["run", "AUES", "MU95", "chosen", "final FS", "final RS", "final MU", "final log10 FQ", "ckpts"],
+    plots = [RS_FS_PLOT, MU_FQ_PLOT]
+    if args.privleak_plot:
+        plot_privleak(records, out)
+        plots.append(PRIVLEAK_PLOT)
+    print(_markdown(["run", "AUES", "MU95", "chosen", "final FS", "final RS", "final MU", "final log10 FQ",
+                     "final privleak", "ckpts"],
                     [[r["name"], _fmt(r["aues"]), _fmt(r["mu95"]), r["chosen_checkpoint"], _fmt(r["final_fs"]),
-                      _fmt(r["final_rs"]), _fmt(r["final_mu"]), _fmt(r["final_log10fq"]), str(r["n_checkpoints"])]
+                      _fmt(r["final_rs"]), _fmt(r["final_mu"]), _fmt(r["final_log10fq"]), _fmt(r["final_privleak"]),
+                      str(r["n_checkpoints"])]
                      for r in records]))
-    print(f"\nwrote {out / 'runs.json'}, {out / 'runs.csv'}, {out / RS_FS_PLOT}, {out / MU_FQ_PLOT}")
+    print(f"\nwrote {out / 'runs.json'}, {out / 'runs.csv'}, " + ", ".join(str(out / p) for p in plots))
 
 
 def load_group(paths: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -361,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score evaluated runs; write runs.json, runs.csv and two plots",
         description="Score each run's trajectory (theta_o, then its checkpoint-<step> directories in step order, read "
                     "from <model>/eval_results/eval_<split>.json) and write OUT/runs.json, OUT/runs.csv, "
-                    f"OUT/{RS_FS_PLOT} and OUT/{MU_FQ_PLOT}.",
+                    f"OUT/{RS_FS_PLOT} and OUT/{MU_FQ_PLOT} (and OUT/{PRIVLEAK_PLOT} with --privleak-plot).",
         epilog="example: aggregate.py runs --theta-o models/init --retain-eval models/retain/eval_results/"
                "eval_forget10.json --out results/gd runs/a runs/b --names oracle random")
     runs.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="unlearning run directories")
@@ -370,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--out", required=True, metavar="DIR", help="output directory")
     runs.add_argument("--names", nargs="+", metavar="NAME",
                       help="one name per run, given after the run directories (default: the path parts that differ)")
+    runs.add_argument("--privleak-plot", action="store_true",
+                      help=f"also plot privleak against RS ({PRIVLEAK_PLOT}); every model needs privleak")
     runs.set_defaults(func=cmd_runs)
 
     group_help = ("NAME PATH [PATH ...]: a group of runs, repeatable. A PATH is a runs.json from `runs`, a `runs --out` "

@@ -1,5 +1,5 @@
 """Evaluate one model on TOFU: forget / retain / real authors / world facts metrics, extraction strength, forget
-quality against a retain model's results, and model utility.
+quality against a retain model's results, model utility, and membership inference (forget vs holdout) with privleak.
 
     python eval_tofu.py model_path=runs/.../checkpoint-50 data_path=../shared/data/tofu forget_split=forget10
     python eval_tofu.py model_path=... retain_result=<retain model dir>/eval_results/eval_forget10.json
@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import metrics as M
 from dataloader import load_tofu
-from evaluator import RETAIN_ES, SPLIT_DATA, SPLITS, EvalSettings, run_evaluation, summarize
+from evaluator import (HOLDOUT, MIA_KEYS, RETAIN_ES, SPLIT_DATA, SPLITS, EvalSettings, mia_aucs, reference_attack,
+                       run_evaluation, summarize)
 from models import family_config, load_model, load_tokenizer, resolve_model_path
 from runtime import (ConfigError, broadcast_object, check_writable, init_distributed, is_main, run_main,
                      seed_everything, setup_logging, write_json)
@@ -33,7 +35,9 @@ FORGET_SPLITS = ("forget01", "forget05", "forget10")
 # Keys that never change per-sample values: a result with other values here is still reused.
 NOT_CACHE_KEYS = ("overwrite", "retain_result")
 # Bumped whenever the evaluator's per-sample values change meaning, so older JSONs are not reused.
-FORMAT_VERSION = 2  # 2: generation also stops at the chat template's end-of-turn
+# 2: generation also stops at the chat template's end-of-turn; MIA scores; es_convention=open_unlearning leaves
+# the final label token out, as open-unlearning does.
+FORMAT_VERSION = 2
 # Files up to this size are fingerprinted by content; larger weight shards by size and modification time.
 HASHED_FILE_BYTES = 64 << 20
 RESULT_NAME = re.compile(r"eval_.*\.json")
@@ -62,6 +66,12 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"max_samples={c['max_samples']!r} must be a positive integer or null")
     if c["retain_result"] and "forget" not in c["splits"]:
         raise ConfigError("retain_result gives forget quality, which needs `forget` in splits")
+    if not isinstance(c["mia"], bool):
+        raise ConfigError(f"mia={c['mia']!r} must be true or false")
+    if isinstance(c["mia_k"], bool) or not isinstance(c["mia_k"], (int, float)) or not 0 < c["mia_k"] <= 1:
+        raise ConfigError(f"mia_k={c['mia_k']!r} must be a fraction in (0, 1]")
+    if c["mia_reference_model"] and not (c["mia"] and "forget" in c["splits"]):
+        raise ConfigError("mia_reference_model is for the reference attack: it needs mia=true and `forget` in splits")
     c["max_length"] = c["max_length"] or family["max_length"]
     return c
 
@@ -105,6 +115,11 @@ def _hub_snapshot(repo_id: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
+def holdout_split(forget_split: str) -> str:
+    """The holdout split of a forget split's size: TOFU pairs forgetNN with holdoutNN for membership inference."""
+    return forget_split.replace("forget", "holdout")
+
+
 def load_data(c: dict[str, Any]) -> dict[str, list[dict]]:
     """The rows of every requested evaluation (first max_samples of each), keyed as run_evaluation expects."""
     names = {"forget": f"{c['forget_split']}_perturbed", **SPLIT_DATA}
@@ -112,14 +127,17 @@ def load_data(c: dict[str, Any]) -> dict[str, list[dict]]:
     if "retain" in c["splits"] and c["retain_eval_split"] != SPLIT_DATA["retain"]:
         data[RETAIN_ES] = load_tofu(c["retain_eval_split"], c["data_path"])
         names[RETAIN_ES] = c["retain_eval_split"]
+    if c["mia"] and "forget" in c["splits"]:
+        names[HOLDOUT] = holdout_split(c["forget_split"])
+        data[HOLDOUT] = load_tofu(names[HOLDOUT], c["data_path"])
     data = {split: rows[: c["max_samples"]] for split, rows in data.items()}
     log.info("loaded %s from %s", ", ".join(f"{len(rows)} {names[s]}" for s, rows in data.items()),
              c["data_path"] or "the hub")
     return data
 
 
-def retain_truth_ratios(path: str, forget_split: str, questions: list[str]) -> list[float]:
-    """The retain model's raw forget-split truth ratios, checked to be for the same questions as this run."""
+def load_retain_result(path: str, forget_split: str, questions: list[str]) -> dict[str, Any]:
+    """The retain model's eval JSON, checked to score the same forget questions as this run."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"retain_result={path} does not exist; expected the retain model's eval JSON")
@@ -141,7 +159,28 @@ def retain_truth_ratios(path: str, forget_split: str, questions: list[str]) -> l
         raise ConfigError(f"retain_result={path} scores other {forget_split} questions than this run; "
                           f"use the same data_path for both")
     log.info("forget quality against the retain model's results in %s", path)
-    return forget["truth_ratio"]
+    return other
+
+
+def retain_privleak_auc(other: dict[str, Any], path: str, c: dict[str, Any], holdout_questions: list[str]) -> float:
+    """The retain model's AUC of the privleak attack (metrics.PRIVLEAK_ATTACK) from its stored per-sample scores,
+    checked to be for the same holdout questions and min-k fraction as this run."""
+    per_sample = other.get("per_sample", {})
+    key = MIA_KEYS[M.PRIVLEAK_ATTACK]
+    if key not in per_sample.get("forget", {}) or key not in per_sample.get(HOLDOUT, {}):
+        raise ConfigError(f"retain_result={path} has no MIA scores, which privleak needs; evaluate the retain model "
+                          f"with mia=true")
+    theirs = other.get("config", {}).get("mia_k")
+    if theirs != c["mia_k"]:
+        raise ConfigError(f"retain_result={path} used mia_k={theirs}, this run mia_k={c['mia_k']}; privleak "
+                          f"compares the same attack")
+    if per_sample[HOLDOUT]["question"] != holdout_questions:
+        raise ConfigError(f"retain_result={path} scores other {holdout_split(c['forget_split'])} questions than this "
+                          f"run; use the same data_path and max_samples for both")
+    auc = mia_aucs(per_sample)[M.PRIVLEAK_ATTACK]
+    if auc >= 1.0:
+        raise ConfigError(f"retain_result={path}: the retain model's own AUC is 1, so privleak is undefined")
+    return auc
 
 
 def cached_result(out: Path, c: dict[str, Any], fingerprint: str | None) -> dict[str, Any] | None:
@@ -179,10 +218,20 @@ def evaluate(cfg: DictConfig) -> Path:
     out = output_file(c)
     check_writable(out.parent)
     data = load_data(c)
-    reference = None
+    retain_ratios = retain_auc = None
     if c["retain_result"]:
-        reference = retain_truth_ratios(c["retain_result"], c["forget_split"], [r["question"] for r in data["forget"]])
+        other = load_retain_result(c["retain_result"], c["forget_split"], [r["question"] for r in data["forget"]])
+        retain_ratios = other["per_sample"]["forget"]["truth_ratio"]
+        if HOLDOUT in data:
+            retain_auc = retain_privleak_auc(other, c["retain_result"], c, [r["question"] for r in data[HOLDOUT]])
+    reference_path = None
+    if c["mia_reference_model"]:
+        reference_path = resolve_model_path(c["model_family"], c["mia_reference_model"], c["data_path"])
     fingerprint = model_fingerprint(c["resolved_model_path"]) if is_main() else None
+    if reference_path and fingerprint:
+        # The reference attack's scores depend on the reference model's files as well.
+        other_print = model_fingerprint(reference_path)
+        fingerprint = hashlib.sha256(f"{fingerprint}:{other_print}".encode()).hexdigest() if other_print else None
     cached = cached_result(out, c, fingerprint) if is_main() else None
 
     if broadcast_object(cached is not None):
@@ -195,13 +244,23 @@ def evaluate(cfg: DictConfig) -> Path:
         tokenizer = load_tokenizer(c["model_family"], c["resolved_model_path"])
         model = load_model(c["resolved_model_path"], device)
         settings = EvalSettings(**{k: c[k] for k in ("batch_size", "generation_batch_size", "max_new_tokens",
-                                                     "max_length", "es_convention")})
+                                                     "max_length", "es_convention", "mia_k")})
         log.info("evaluating %s on %s with %d process(es)", c["resolved_model_path"], ", ".join(data), world_size)
         per_sample, timing = run_evaluation(model, tokenizer, family, data, settings)
+        if reference_path:
+            # One model resident at a time: the reference only adds its answer NLLs to the stored loss scores.
+            del model
+            start = time.perf_counter()
+            reference = load_model(reference_path, device)
+            for split, scores in reference_attack(reference, tokenizer, family, data, per_sample, settings).items():
+                per_sample[split][MIA_KEYS["reference"]] = scores
+            seconds = time.perf_counter() - start
+            n = len(data["forget"]) + len(data[HOLDOUT])
+            timing["mia_reference"] = {"seconds": seconds, "samples": n, "samples_per_s": n / seconds}
         if not is_main():
             return out
 
-    summary = summarize(per_sample, reference)
+    summary = summarize(per_sample, retain_ratios, retain_auc)
     write_json(out, {"format_version": FORMAT_VERSION, "config": c,
                      "model": {"path": c["resolved_model_path"], "fingerprint": fingerprint},
                      "summary": summary, "timing": timing, "per_sample": per_sample})

@@ -1,4 +1,5 @@
-"""Batched TOFU evaluation with a model: answer likelihoods, greedy generations and extraction strength, per split.
+"""Batched TOFU evaluation with a model: answer likelihoods, greedy generations, extraction strength and membership
+inference scores, per split.
 
 Formulas live in metrics.py and the QA -> token ids conversion in dataloader.encode_qa; this module runs the model
 efficiently (length-grouped batches, sharded across torchrun ranks) and assembles the per-sample values.
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Collection, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +38,12 @@ SPLIT_DATA = {"retain": "retain_perturbed", "real_authors": "real_authors_pertur
               "world_facts": "world_facts_perturbed"}
 # Per-sample values kept for a split whose ES is computed apart from its TOFU metrics.
 RETAIN_ES = "retain_es"
+# The holdout split of the forget split (forgetNN <-> holdoutNN): given, the forget split also gets MIA scores.
+HOLDOUT = "holdout"
+# Per-sample keys of the attack scores, in metrics.MIA_ATTACKS order; higher means less member-like.
+MIA_KEYS = {attack: f"mia_{attack}" for attack in M.MIA_ATTACKS}
+# Logit values (rows x vocabulary) per chunk of the next-token moments: 4 MiB of float32.
+MOMENT_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,16 @@ class EvalSettings:
     max_new_tokens: int = 200
     max_length: int = 256             # prompt + answer tokens when scoring (answers are truncated)
     es_convention: str = "paper"
+    mia_k: float = 0.4                # fraction of answer tokens min-k% and min-k%++ average
+
+
+@dataclass
+class TokenStats:
+    """Per answer position of one sample: log P(target), and the mean and variance of log p under the next-token
+    distribution p there (what min-k% and min-k%++ need)."""
+    logp: np.ndarray
+    mu: np.ndarray
+    var: np.ndarray
 
 
 @dataclass
@@ -53,6 +70,7 @@ class AnswerScores:
     mean_nll: list[float]     # mean token NLL over the answer tokens, per sample
     n_tokens: list[int]       # answer tokens scored, per sample
     es: list[float] | None    # extraction strength, per sample, when requested
+    tokens: dict[int, TokenStats]  # per-token statistics of the samples that asked for them
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -93,10 +111,34 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _log_prob_moments(shifted: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean mu and variance var of log p under the next-token distribution p = softmax, for the rows `index` (not
+    empty) of logits shifted by their row maximum (s = logit - max <= 0).
+
+    With e = exp(s), Z = sum e and log p = s - log Z: mu = E_p[s] - log Z, var = E_p[s^2] - E_p[s]^2. s is small
+    where the mass is, so the float32 cancellation in var stays near 1e-7 E_p[s^2]. Rows go in chunks of about
+    MOMENT_CHUNK values: temporaries stay cache-sized, where (rows, vocabulary) ones cost more in fresh pages on a CPU
+    than the arithmetic.
+    """
+    step = max(1, MOMENT_CHUNK // shifted.shape[-1])
+    mu, var = [], []
+    for part in index.split(step):
+        s = shifted.index_select(0, part)
+        e = s.exp()
+        z = e.sum(-1)
+        mean_s = torch.linalg.vecdot(e, s) / z
+        mean_s2 = torch.linalg.vecdot(e.mul_(s), s) / z
+        mu.append(mean_s - z.log())
+        var.append((mean_s2 - mean_s.square()).clamp_(min=0.0))
+    return torch.cat(mu), torch.cat(var)
+
+
 @torch.inference_mode()
 def score_answers(model: torch.nn.Module, encodings: Sequence[dict[str, list[int]]], batch_size: int,
-                  es_convention: str | None = None, desc: str = "scoring") -> AnswerScores:
-    """Teacher-forced answer NLL per sample (and extraction strength, from the same forward pass, if asked)."""
+                  es_convention: str | None = None, desc: str = "scoring",
+                  token_stats: Collection[int] = ()) -> AnswerScores:
+    """Teacher-forced answer NLL per sample (and, from the same forward pass, extraction strength if asked, and
+    TokenStats of the encodings indexed in token_stats)."""
     for i, e in enumerate(encodings):
         if all(label == IGNORE_INDEX for label in e["labels"]):
             raise ValueError(f"encoding {i} has no answer tokens to score")
@@ -104,8 +146,9 @@ def score_answers(model: torch.nn.Module, encodings: Sequence[dict[str, list[int
     model.eval()
 
     keeps_logits = _accepts_logits_to_keep(model)
+    token_stats = frozenset(token_stats)
 
-    def run(idx: list[int]) -> list[tuple[float, int, float | None]]:
+    def run(idx: list[int]) -> list[tuple[float, int, float | None, TokenStats | None]]:
         # Right padding sits after every scored position and causal attention never looks ahead, so the pad id
         # is irrelevant: 0 exists in every vocabulary.
         batch = pad_batch([encodings[i] for i in idx], pad_id=0)
@@ -123,12 +166,25 @@ def score_answers(model: torch.nn.Module, encodings: Sequence[dict[str, list[int
         targets = labels[answer]
         best = picked.amax(-1)
         target_logit = picked.gather(-1, targets[:, None]).squeeze(-1)
-        # log-sum-exp in place on this float32 copy: no full-vocabulary log-softmax is ever materialised.
-        log_norm = best + picked.sub_(best[:, None]).exp_().sum(-1).log()
-        token_nll = log_norm - target_logit
         rows = answer.nonzero()[:, 0]
-        nll_sum = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, token_nll.double())
         counts = answer.sum(1)
+        shifted = picked.sub_(best[:, None])
+        want = torch.tensor([i in token_stats for i in idx], device=device)
+        wanted_rows = want[rows]
+        wanted_index = wanted_rows.nonzero()[:, 0]
+        # Before the in-place exp below, which overwrites the shifted logits.
+        moments = _log_prob_moments(shifted, wanted_index) if len(wanted_index) else None
+        # log-sum-exp in place on this float32 copy: no full-vocabulary log-softmax is ever materialised.
+        log_norm = best + shifted.exp_().sum(-1).log()
+        token_nll = log_norm - target_logit
+        stats: list[TokenStats | None] = [None] * len(idx)
+        if moments is not None:
+            mu, var = moments
+            sizes = counts[want].tolist()
+            columns = [torch.split(c.double().cpu(), sizes) for c in (-token_nll[wanted_rows], mu, var)]
+            for j, parts in zip(want.nonzero()[:, 0].tolist(), zip(*columns)):
+                stats[j] = TokenStats(*(part.numpy() for part in parts))
+        nll_sum = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, token_nll.double())
         mean_nll = (nll_sum / counts).tolist()
         es: list[float | None] = [None] * len(idx)
         if es_convention is not None:
@@ -136,13 +192,14 @@ def score_answers(model: torch.nn.Module, encodings: Sequence[dict[str, list[int
             correct = torch.zeros_like(answer)
             correct[answer] = target_logit >= best
             es = M.extraction_strength_batch(correct.cpu().numpy(), answer.cpu().numpy(), es_convention).tolist()
-        return list(zip(mean_nll, counts.tolist(), es))
+        return list(zip(mean_nll, counts.tolist(), es, stats))
 
     results = map_batches(length_batches([len(e["input_ids"]) for e in encodings], batch_size), run, desc)
     return AnswerScores(
         mean_nll=[float(r[0]) for r in results],
         n_tokens=[int(r[1]) for r in results],
         es=[float(r[2]) for r in results] if es_convention is not None else None,
+        tokens={i: r[3] for i, r in enumerate(results) if r[3] is not None},
     )
 
 
@@ -206,13 +263,32 @@ def _encode(tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
     return encode_qa(tokenizer, family, question, answer, settings.max_length)
 
 
+def mia_scores(mean_nll: Sequence[float], tokens: Sequence[TokenStats], answers: Sequence[str],
+               k: float) -> dict[str, list[float]]:
+    """Per-sample scores of the attacks that need only the model itself (all but the reference attack).
+
+    As in open-unlearning, min-k% and min-k%++ rank the answer tokens without the final label token (the end-of-turn,
+    which a chat model predicts whether or not it saw the answer; kept when it is the only one), while loss and zlib
+    use the mean NLL over all label tokens, i.e. -log P(answer) of the TOFU probability.
+    """
+    body = [slice(0, max(1, len(t.logp) - 1)) for t in tokens]
+    return {
+        MIA_KEYS["loss"]: [float(x) for x in mean_nll],
+        MIA_KEYS["zlib"]: M.zlib_score(mean_nll, answers).tolist(),
+        MIA_KEYS["min_k"]: [M.min_k_score(t.logp[b], k) for t, b in zip(tokens, body)],
+        MIA_KEYS["min_k_plus_plus"]: [M.min_k_plus_plus_score(t.logp[b], t.mu[b], t.var[b], k)
+                                      for t, b in zip(tokens, body)],
+    }
+
+
 def _score_variants(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
                     rows: Sequence[dict], keys: Sequence[str], settings: EvalSettings,
-                    with_es: bool, desc: str) -> tuple[list[list[float]], list[float] | None]:
+                    with_es: bool, desc: str, with_mia: bool = False
+                    ) -> tuple[list[list[float]], list[float] | None, dict[str, list[float]] | None]:
     """P(answer variant) for every variant of every row, in one pool of length-grouped batches.
 
     keys name the fields holding one answer (str) or several (list); returns, per row, the probabilities in key
-    order (lists flattened), and the ES of each row's first variant when with_es.
+    order (lists flattened), and the ES and the MIA scores of each row's first variant when with_es / with_mia.
     """
     encodings, starts = [], []
     for row in rows:
@@ -220,22 +296,29 @@ def _score_variants(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
         for key in keys:
             for text in ([row[key]] if isinstance(row[key], str) else row[key]):
                 encodings.append(_encode(tokenizer, family, settings, row["question"], text))
-    scores = score_answers(model, encodings, settings.batch_size, settings.es_convention if with_es else None, desc)
+    scores = score_answers(model, encodings, settings.batch_size, settings.es_convention if with_es else None, desc,
+                           token_stats=starts if with_mia else ())
     p = M.answer_prob(scores.mean_nll).tolist()
     probs = [p[a:b] for a, b in zip(starts, [*starts[1:], len(p)])]
     es = [scores.es[j] for j in starts] if with_es else None
-    return probs, es
+    mia = None
+    if with_mia:
+        mia = mia_scores([scores.mean_nll[j] for j in starts], [scores.tokens[j] for j in starts],
+                         [row[keys[0]] for row in rows], settings.mia_k)
+    return probs, es, mia
 
 
 def score_perturbed_split(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
                           rows: Sequence[dict], settings: EvalSettings, kind: str,
-                          with_es: bool = False) -> dict[str, list]:
+                          with_es: bool = False, with_mia: bool = False) -> dict[str, list]:
     """Teacher-forced metrics of a forget or retain split (rows with answer, paraphrased_answer, perturbed_answer).
 
-    kind: "forget" scores the truth ratio r as min(r, 1/r), "retain" as max(0, 1 - r).
+    kind: "forget" scores the truth ratio r as min(r, 1/r), "retain" as max(0, 1 - r). with_mia: the answers' MIA
+    scores too (mia_scores), from the same forward passes.
     """
     keys = ("answer", "paraphrased_answer", "perturbed_answer")
-    probs, es = _score_variants(model, tokenizer, family, rows, keys, settings, with_es, f"scoring {kind}")
+    probs, es, mia = _score_variants(model, tokenizer, family, rows, keys, settings, with_es, f"scoring {kind}",
+                                     with_mia)
     p_answer = [p[0] for p in probs]
     p_para = [p[1] for p in probs]
     p_pert = [p[2:] for p in probs]
@@ -251,6 +334,8 @@ def score_perturbed_split(model: torch.nn.Module, tokenizer: PreTrainedTokenizer
     }
     if with_es:
         out["es"] = es
+    if with_mia:
+        out.update(mia)
     return out
 
 
@@ -261,8 +346,8 @@ def score_factual_split(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
     Probability is P(answer) normalised over the answer and its perturbations; with no paraphrase, the truth
     ratio compares the perturbed answers with the answer itself and scores max(0, 1 - r).
     """
-    probs, _ = _score_variants(model, tokenizer, family, rows, ("answer", "perturbed_answer"), settings, False,
-                               desc)
+    probs, _, _ = _score_variants(model, tokenizer, family, rows, ("answer", "perturbed_answer"), settings, False,
+                                  desc)
     p_answer = [p[0] for p in probs]
     p_pert = [p[1:] for p in probs]
     ratio = [float(M.truth_ratio([a], [b])[0]) for a, b in zip(p_answer, p_pert)]
@@ -277,15 +362,16 @@ def score_factual_split(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
 
 
 def evaluate_split(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
-                   split: str, rows: Sequence[dict], settings: EvalSettings, with_es: bool = False) -> dict[str, list]:
+                   split: str, rows: Sequence[dict], settings: EvalSettings, with_es: bool = False,
+                   with_mia: bool = False) -> dict[str, list]:
     """All per-sample TOFU metrics of one split (see SPLITS): probabilities, truth ratio, greedy generation, ROUGE-L
-    recall against the answer, and (with_es, forget/retain only) extraction strength."""
+    recall against the answer, and (forget/retain only) extraction strength and MIA scores when asked."""
     if split in FACTUAL_SPLITS:
-        if with_es:
-            raise ValueError(f"extraction strength is computed on the forget and retain splits, not {split}")
+        if with_es or with_mia:
+            raise ValueError(f"ES and MIA scores are computed on the forget and retain splits, not {split}")
         out = score_factual_split(model, tokenizer, family, rows, settings, f"scoring {split}")
     elif split in ("forget", "retain"):
-        out = score_perturbed_split(model, tokenizer, family, rows, settings, split, with_es)
+        out = score_perturbed_split(model, tokenizer, family, rows, settings, split, with_es, with_mia)
     else:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     prompts = [prompt_ids(_encode(tokenizer, family, settings, row["question"], row["answer"])) for row in rows]
@@ -303,13 +389,43 @@ def evaluate_es(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, fami
             "es": extraction_strengths(model, encodings, settings.batch_size, settings.es_convention)}
 
 
+def evaluate_holdout(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+                     rows: Sequence[dict], settings: EvalSettings) -> dict[str, list]:
+    """MIA scores of (question, answer) rows the model never saw: the negatives' counterpart of the forget split's."""
+    encodings = [_encode(tokenizer, family, settings, row["question"], row["answer"]) for row in rows]
+    scores = score_answers(model, encodings, settings.batch_size, desc=f"scoring {HOLDOUT}",
+                           token_stats=range(len(rows)))
+    return {"question": [row["question"] for row in rows],
+            **mia_scores(scores.mean_nll, [scores.tokens[i] for i in range(len(rows))],
+                         [row["answer"] for row in rows], settings.mia_k)}
+
+
+def reference_attack(reference: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
+                     data: dict[str, Sequence[dict]], per_sample: dict[str, dict[str, list]],
+                     settings: EvalSettings) -> dict[str, list[float]]:
+    """Reference attack scores of the forget and holdout answers: the evaluated model's mean answer NLL (its loss
+    attack score, from per_sample) minus the reference model's, which is scored here in one pool of both splits."""
+    splits = ("forget", HOLDOUT)
+    encodings = [_encode(tokenizer, family, settings, row["question"], row["answer"])
+                 for split in splits for row in data[split]]
+    ref_nll = score_answers(reference, encodings, settings.batch_size, desc="scoring the reference model").mean_nll
+    out, start = {}, 0
+    for split in splits:
+        end = start + len(data[split])
+        out[split] = M.reference_score(per_sample[split][MIA_KEYS["loss"]], ref_nll[start:end]).tolist()
+        start = end
+    return out
+
+
 def run_evaluation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, family: dict[str, Any],
                    data: dict[str, Sequence[dict]],
                    settings: EvalSettings) -> tuple[dict[str, dict[str, list]], dict[str, dict[str, float]]]:
-    """Evaluate every split in `data` (keys from SPLITS, plus RETAIN_ES for a separate Retain Strength split).
+    """Evaluate every split in `data` (keys from SPLITS, plus RETAIN_ES for a separate Retain Strength split and
+    HOLDOUT for membership inference).
 
-    ES comes with the forget split, and with the retain split unless RETAIN_ES is given. Returns the per-sample
-    values per split and the timing (seconds, samples, samples/s) per split.
+    ES comes with the forget split, and with the retain split unless RETAIN_ES is given; MIA scores with the forget
+    split when HOLDOUT is given. Returns the per-sample values per split and the timing (seconds, samples,
+    samples/s) per split.
     """
     per_sample: dict[str, dict[str, list]] = {}
     timing: dict[str, dict[str, float]] = {}
@@ -317,9 +433,12 @@ def run_evaluation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, f
         start = time.perf_counter()
         if split == RETAIN_ES:
             per_sample[split] = evaluate_es(model, tokenizer, family, rows, settings)
+        elif split == HOLDOUT:
+            per_sample[split] = evaluate_holdout(model, tokenizer, family, rows, settings)
         else:
             with_es = split == "forget" or (split == "retain" and RETAIN_ES not in data)
-            per_sample[split] = evaluate_split(model, tokenizer, family, split, rows, settings, with_es)
+            with_mia = split == "forget" and HOLDOUT in data
+            per_sample[split] = evaluate_split(model, tokenizer, family, split, rows, settings, with_es, with_mia)
         seconds = time.perf_counter() - start
         timing[split] = {"seconds": seconds, "samples": len(rows), "samples_per_s": len(rows) / seconds}
         log.info("evaluated %s: %d samples in %.1f s (%.1f samples/s)", split, len(rows), seconds, len(rows) / seconds)
@@ -330,15 +449,26 @@ SUMMARY_KEYS = (
     "forget_quality", "log10_forget_quality", "model_utility", "forget_strength", "retain_strength",
     "forget_prob", "forget_rouge", "forget_truth_ratio", "retain_prob", "retain_rouge", "retain_truth_ratio",
     "ra_prob", "ra_rouge", "ra_truth_ratio", "wf_prob", "wf_rouge", "wf_truth_ratio",
+    "privleak", *(f"{key}_auc" for key in MIA_KEYS.values()),
 )
 _PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
 
 
-def summarize(per_sample: dict[str, dict[str, list]],
-              retain_truth_ratios: Sequence[float] | None = None) -> dict[str, float | None]:
+def mia_aucs(per_sample: dict[str, dict[str, list]]) -> dict[str, float]:
+    """AUC of every attack scored on both the forget and the holdout split, keyed by attack."""
+    if "forget" not in per_sample or HOLDOUT not in per_sample:
+        return {}
+    forget, holdout = per_sample["forget"], per_sample[HOLDOUT]
+    return {attack: M.mia_auc(forget[key], holdout[key]) for attack, key in MIA_KEYS.items()
+            if key in forget and key in holdout}
+
+
+def summarize(per_sample: dict[str, dict[str, list]], retain_truth_ratios: Sequence[float] | None = None,
+              retain_auc: float | None = None) -> dict[str, float | None]:
     """The split-level numbers (means of the per-sample values) and the aggregates; None where an input is missing.
 
-    retain_truth_ratios: the retain model's raw forget-split truth ratios, for forget quality.
+    retain_truth_ratios: the retain model's raw forget-split truth ratios, for forget quality; retain_auc: its
+    metrics.PRIVLEAK_ATTACK AUC, for privleak.
     """
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_KEYS)
     for split, prefix in _PREFIX.items():
@@ -359,4 +489,9 @@ def summarize(per_sample: dict[str, dict[str, list]],
     es_retain = per_sample.get(RETAIN_ES, per_sample.get("retain", {})).get("es")
     if es_retain is not None:
         summary["retain_strength"] = M.retain_strength(es_retain)
+    aucs = mia_aucs(per_sample)
+    for attack, auc in aucs.items():
+        summary[f"{MIA_KEYS[attack]}_auc"] = auc
+    if retain_auc is not None and M.PRIVLEAK_ATTACK in aucs:
+        summary["privleak"] = M.privleak(aucs[M.PRIVLEAK_ATTACK], retain_auc)
     return summary

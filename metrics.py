@@ -1,8 +1,10 @@
 """Evaluation metrics: TOFU (probability, ROUGE-L, truth ratio, forget quality, model utility), extraction strength,
-and the trade-off aggregates of a run (AUES, MU95, seed comparisons). Pure functions; definitions in docs/metrics.md."""
+membership inference (MIA attack scores, AUC, privleak) and the trade-off aggregates of a run (AUES, MU95, seed
+comparisons). Pure functions; definitions in docs/metrics.md."""
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -11,13 +13,19 @@ from nltk.stem import porter
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_tokenize
 from rouge_score import tokenizers as rouge_tokenizers
-from scipy.stats import hmean, ks_2samp
+from scipy.stats import hmean, ks_2samp, mannwhitneyu
 
 ES_CONVENTIONS = ("paper", "open_unlearning")
 TRUTH_RATIO_KINDS = ("forget", "retain")
 MODEL_UTILITY_COMPONENTS = 9
 # 2**20 sign assignments is ~1M rows; beyond that an exact test stops being cheap.
 MAX_PERMUTATION_SEEDS = 20
+MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
+# privleak compares min-k% AUCs, as open-unlearning's and MUSE's privleak do.
+PRIVLEAK_ATTACK = "min_k"
+# A (near-)deterministic next-token distribution has variance ~0: Min-K%++ clamps it here (as open-unlearning does)
+# rather than divide by zero.
+MIN_K_PP_MIN_VAR = 1e-6
 
 
 class _MemoStemmer:
@@ -121,7 +129,8 @@ def extraction_strength_batch(correct: ArrayLike, mask: ArrayLike, convention: s
     """Per-row extraction strength from teacher-forced greedy correctness.
 
     correct[b, t]: the argmax prediction for label position t equals the label; mask[b, t]: t is an answer token.
-    Only masked positions count, in order. Rows with no answer token give NaN.
+    Only masked positions count, in order. Rows with no answer token give NaN (open_unlearning: a row whose only
+    answer token is the final one gives 0, as there).
     """
     if convention not in ES_CONVENTIONS:
         raise ValueError(f"convention must be one of {ES_CONVENTIONS}, got {convention!r}")
@@ -129,22 +138,27 @@ def extraction_strength_batch(correct: ArrayLike, mask: ArrayLike, convention: s
     mask = np.asarray(mask, dtype=bool)
     if correct.ndim != 2 or correct.shape != mask.shape:
         raise ValueError(f"correct and mask must be 2-D of one shape, got {correct.shape} and {mask.shape}")
+    has_answer = mask.any(axis=1)
+    if convention == "open_unlearning":
+        # open-unlearning scores the label tokens without the last one (the end-of-turn token).
+        mask = mask & (np.cumsum(mask, axis=1) < mask.sum(axis=1, keepdims=True))
     n = mask.sum(axis=1)
     # Greedy decoding from a prefix reproduces the rest iff every later teacher-forced prediction is right, so the
     # shortest sufficient prefix ends at the last wrong answer token: k = its 1-based rank among answer tokens (0 if none).
     rank = np.cumsum(mask, axis=1)
     k = np.where(mask & ~correct, rank, 0).max(axis=1, initial=0)
     if convention == "open_unlearning":
-        # open-unlearning only tries prefixes 0..n-1, so a wrong final token leaves k = n-1.
+        # It also tries prefixes 0..n-1 only, so a wrong final token leaves k = n-1; an answer of one label token
+        # (nothing left) scores 0 there.
         k = np.minimum(k, n - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(n > 0, 1.0 - k / n, np.nan)
+        return np.where(n > 0, 1.0 - k / n, np.where(has_answer, 0.0, np.nan))
 
 
 def extraction_strength(correct: ArrayLike, convention: str = "paper") -> float:
     """Extraction strength ES = 1 - k/n of one answer; correct[j] says whether the greedy next token after the
-    question and y[:j] is y[j]. convention: "paper" (Wang et al. 2025) or "open_unlearning" (1/n, not 0, when the
-    last token is wrong)."""
+    question and y[:j] is y[j]. convention: "paper" (Wang et al. 2025) or "open_unlearning" (the final token, the
+    end-of-turn, left out of the answer, and 1/n, not 0, when the last token left is wrong)."""
     correct = np.asarray(correct, dtype=bool)
     if correct.ndim != 1 or correct.size == 0:
         raise ValueError(f"correct must be a non-empty 1-D array, got shape {correct.shape}")
@@ -247,3 +261,71 @@ def compare_groups(a: ArrayLike, b: ArrayLike) -> dict[str, float]:
         "abs_delta_std": std(abs_delta),
         "p_value": p,
     }
+
+
+# ---- Membership inference (forget vs holdout) and privacy leakage ----
+
+def zlib_length(texts: Sequence[str]) -> np.ndarray:
+    """Bytes of each text's UTF-8 encoding after zlib compression (default level): Carlini et al.'s entropy proxy."""
+    return np.array([len(zlib.compress(t.encode("utf-8"))) for t in texts], dtype=float)
+
+
+def zlib_score(mean_nll: ArrayLike, texts: Sequence[str]) -> np.ndarray:
+    """zlib attack score per sample: mean answer NLL / zlib_length(answer text)."""
+    mean_nll = _as_1d(mean_nll, "mean_nll")
+    if mean_nll.size != len(texts):
+        raise ValueError(f"{mean_nll.size} NLLs but {len(texts)} texts")
+    return mean_nll / zlib_length(texts)
+
+
+def _lowest_mean(values: np.ndarray, k: float) -> float:
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"token values must be a non-empty 1-D array, got shape {values.shape}")
+    # int() truncates like the reference implementations; at least one token always counts.
+    n = max(1, int(values.size * k))
+    return float(np.sort(values)[:n].mean())
+
+
+def min_k_score(token_logp: ArrayLike, k: float = 0.4) -> float:
+    """Min-K% Prob attack score of one answer: minus the mean of its lowest max(1, int(n k)) token log-probs."""
+    return -_lowest_mean(np.asarray(token_logp, dtype=float), k)
+
+
+def min_k_plus_plus_score(token_logp: ArrayLike, mu: ArrayLike, var: ArrayLike, k: float = 0.4) -> float:
+    """Min-K%++ attack score of one answer: each token log-prob standardised by the mean mu and variance var of the
+    log-prob under the next-token distribution at its position, z = (log p - mu) / sqrt(max(var, 1e-6)); minus the
+    mean of the lowest max(1, int(n k)) z."""
+    logp, mu, var = (np.asarray(x, dtype=float) for x in (token_logp, mu, var))
+    if not logp.shape == mu.shape == var.shape:
+        raise ValueError(f"token_logp, mu and var must have one shape, got {logp.shape}, {mu.shape}, {var.shape}")
+    return -_lowest_mean((logp - mu) / np.sqrt(np.maximum(var, MIN_K_PP_MIN_VAR)), k)
+
+
+def reference_score(mean_nll: ArrayLike, reference_mean_nll: ArrayLike) -> np.ndarray:
+    """Reference attack score per sample: the model's mean answer NLL minus the reference model's."""
+    model, reference = _as_1d(mean_nll, "mean_nll"), _as_1d(reference_mean_nll, "reference_mean_nll")
+    if model.shape != reference.shape:
+        raise ValueError(f"mean_nll and reference_mean_nll differ in shape: {model.shape} vs {reference.shape}")
+    return model - reference
+
+
+def mia_auc(forget_scores: ArrayLike, holdout_scores: ArrayLike) -> float:
+    """ROC AUC of telling holdout (positive) from forget (negative) samples by attack score, where a higher score means
+    less member-like: P(holdout score > forget score) + P(equal) / 2 over all pairs. 1: forget fully exposed."""
+    forget, holdout = _as_1d(forget_scores, "forget_scores"), _as_1d(holdout_scores, "holdout_scores")
+    if forget.size == 0 or holdout.size == 0:
+        raise ValueError("MIA AUC needs at least one forget and one holdout score")
+    if not (np.all(np.isfinite(forget)) and np.all(np.isfinite(holdout))):
+        raise ValueError("MIA scores must be finite")
+    # Mann-Whitney U of the holdout sample counts the pairs it wins, ties as 1/2: exactly the AUC's pairwise form.
+    return float(mannwhitneyu(holdout, forget, method="asymptotic").statistic / (holdout.size * forget.size))
+
+
+def privleak(auc: float, auc_retain: float) -> float:
+    """Privacy leakage (MUSE): (AUC_retain - AUC) / (1 - AUC_retain) x 100, AUC of the model and of the retain model
+    from mia_auc. 0: as private as the retain model; negative: the forget set is more exposed than that."""
+    if not (0.0 <= auc <= 1.0 and 0.0 <= auc_retain < 1.0):
+        raise ValueError(f"privleak needs AUC in [0, 1] and a retain AUC in [0, 1), got {auc} and {auc_retain}")
+    return (auc_retain - auc) / (1.0 - auc_retain) * 100.0

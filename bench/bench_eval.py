@@ -1,7 +1,10 @@
 """Benchmark of the TOFU evaluator: a full forget10 evaluation of a tiny model, then the batched evaluator against a
-one-sample-at-a-time loop over the same metrics on the first N rows of every split, checked to agree.
+one-sample-at-a-time loop over the same metrics on the first N rows of every split, checked to agree. With --mia:
+instead, the full forget10 evaluation timed with membership inference off and on (against holdout10), alternately,
+and the on/off time ratio.
 
     python bench/bench_eval.py --data_path ../shared/data/tofu [--subset 16] [--model_path DIR] [--threads 2]
+    python bench/bench_eval.py --data_path ../shared/data/tofu --model_path DIR --mia [--repeats 3]
 
 The loop is written independently of evaluator.py (full-vocabulary log-softmax of one unpadded sequence at a time,
 argmax for ES, generate() on one prompt with the default dynamic cache), so agreement also cross-checks the
@@ -39,6 +42,7 @@ from models import family_config, load_model, load_tokenizer, resolve_model_path
 
 DATA = {"forget": "forget10_perturbed", **E.SPLIT_DATA}
 TOLERANCE = 1e-5
+MIA_GOAL = 1.15  # evaluation time with MIA on / off
 # Scores in [0, 1] are compared absolutely: near r = 1, 1 - r turns a 1e-6 relative change of r into a large
 # relative one.
 BOUNDED = ("truth_ratio_score", "rouge_l_recall", "es")
@@ -95,6 +99,33 @@ def compare(split: str, batched: dict, single: dict) -> None:
             np.testing.assert_allclose(batched[key], values, rtol=rtol, atol=atol, err_msg=f"{split}.{key}")
 
 
+def mia_ratio(model, tokenizer, family, data: dict, holdout: list[dict], settings: E.EvalSettings,
+              repeats: int) -> None:
+    """Time run_evaluation without and with the holdout split (MIA off / on) in adjacent pairs, alternating which goes
+    first, and print each pair and the median of the pairs' on/off ratios, in wall and in CPU time."""
+    times: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    for r in range(repeats):
+        for label in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            runs = data if label == "off" else {**data, E.HOLDOUT: holdout}
+            wall, cpu = time.perf_counter(), time.process_time()
+            E.run_evaluation(model, tokenizer, family, runs, settings)
+            times[label].append((time.perf_counter() - wall, time.process_time() - cpu))
+    n = sum(len(rows) for rows in data.values())
+    print(f"## full forget10 evaluation ({n} questions), MIA off vs on ({len(holdout)} holdout10 answers, "
+          f"mia_k={settings.mia_k}); {repeats} adjacent pairs, alternating order")
+    print("| pair | MIA off s (CPU s) | MIA on s (CPU s) | ratio wall | ratio CPU |\n|---|---|---|---|---|")
+    ratios = []
+    for r, ((off, off_cpu), (on, on_cpu)) in enumerate(zip(times["off"], times["on"])):
+        ratios.append((on / off, on_cpu / off_cpu))
+        print(f"| {r + 1} | {off:.1f} ({off_cpu:.1f}) | {on:.1f} ({on_cpu:.1f}) | {on / off:.3f} | "
+              f"{on_cpu / off_cpu:.3f} |")
+    # Pairs are adjacent in time and the ratio is taken within each, so load that drifts between pairs cancels; CPU
+    # time also leaves out the time other processes held the cores.
+    wall, cpu = np.median(ratios, axis=0)
+    print(f"\nMIA on/off evaluation time ratio: {wall:.3f} wall, {cpu:.3f} CPU (medians over pairs; goal <= "
+          f"{MIA_GOAL}: {'met' if max(wall, cpu) <= MIA_GOAL else 'NOT met'})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_path", default=os.environ.get("TOFU_DIR", str(ROOT / ".." / "shared" / "data" / "tofu")),
@@ -103,9 +134,12 @@ def main() -> None:
     p.add_argument("--subset", type=int, default=16, help="rows per split for the one-at-a-time comparison")
     p.add_argument("--skip_full", action="store_true", help="skip the full forget10 evaluation")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--mia", action="store_true", help="only time the full evaluation with MIA off and on (ratio)")
+    p.add_argument("--repeats", type=int, default=3, help="--mia: evaluations of each kind, alternating (default 3)")
+    p.add_argument("--max_samples", type=int, default=None, help="--mia: the first N rows of every split (default all)")
     args = p.parse_args()
-    if args.subset < 1:
-        p.error("--subset must be >= 1")
+    if args.subset < 1 or args.repeats < 1 or (args.max_samples is not None and args.max_samples < 1):
+        p.error("--subset, --repeats and --max_samples must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -123,7 +157,11 @@ def main() -> None:
     model = load_model(path, torch.device("cpu"))
     print(f"model: {path} ({model.num_parameters():,} parameters)\n")
     settings = E.EvalSettings(max_length=family["max_length"])
-    data = {split: load_tofu(name, args.data_path) for split, name in DATA.items()}
+    data = {split: load_tofu(name, args.data_path)[: args.max_samples] for split, name in DATA.items()}
+    if args.mia:
+        mia_ratio(model, tokenizer, family, data, load_tofu("holdout10", args.data_path)[: args.max_samples], settings,
+                  args.repeats)
+        return
 
     if not args.skip_full:
         start = time.perf_counter()

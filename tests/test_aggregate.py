@@ -131,6 +131,33 @@ def test_runs_cli_writes_json_csv_and_plots(tmp_path, capsys):
     assert record["aues"] == pytest.approx(0.6475)
 
 
+def test_runs_report_final_privleak_and_plot_it_against_retain_strength(tmp_path, capsys):
+    run, theta_o = make_run(tmp_path / "runs", "npo")
+    write_eval(tmp_path / "retain", summary(0.5, 0.9, 0.59, None))
+    args = ["runs", "--theta-o", str(theta_o), "--retain-eval", str(A.eval_path(tmp_path / "retain", SPLIT)),
+            "--out", str(tmp_path / "out"), str(run)]
+    A.main(args)
+    assert json.loads((tmp_path / "out" / "runs.json").read_text())["runs"][0]["final_privleak"] is None
+    with pytest.raises(ConfigError, match="privleak is missing for npo/theta_o, npo/checkpoint-5.*mia=true"):
+        A.main([*args, "--privleak-plot"])
+    capsys.readouterr()
+    # privleak from -90 (theta_o memorised the forget set) towards 0 over the checkpoints.
+    for (label, *_), leak in zip(POINTS, (-90.0, -40.0, -10.0, 2.5)):
+        model = theta_o if label == "theta_o" else run / label
+        path = A.eval_path(model, SPLIT)
+        result = json.loads(path.read_text())
+        result["summary"]["privleak"] = leak
+        path.write_text(json.dumps(result))
+    A.main([*args, "--privleak-plot"])
+    (record,) = json.loads((tmp_path / "out" / "runs.json").read_text())["runs"]
+    assert record["final_privleak"] == 2.5
+    assert [p["privleak"] for p in record["trajectory"]] == [-90.0, -40.0, -10.0, 2.5]
+    with open(tmp_path / "out" / "runs.csv", newline="") as f:
+        assert next(csv.DictReader(f))["final_privleak"] == "2.5"
+    assert (tmp_path / "out" / A.PRIVLEAK_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| -1.000 | 2.500 | 3 |" in capsys.readouterr().out
+
+
 def write_runs_json(path: Path, runs: list[tuple[int | None, float, float]]) -> None:
     records = [{"name": f"{path.stem}-{i}", "run_dir": f"{path.stem}/{i}", "seed": seed, "aues": aues, "mu95": mu95,
                 "aues_method": "front", "mu_threshold": 0.95} for i, (seed, aues, mu95) in enumerate(runs)]

@@ -46,3 +46,12 @@ def test_bench_finetune_prints_a_ratio_for_every_setting(tiny_path):
                  "both (unlearn.py, tiny)"):
         assert re.search(rf"^\| {re.escape(name)} \| \d+ \| [\d.]+ \| [\d.]+x \| [\d.]+ \|$", proc.stdout, re.M), name
     assert re.search(r"^\| baseline \(random batches, full logits\) \| \d+ \| [\d.]+ \| 1\.00x \|", proc.stdout, re.M)
+
+
+def test_bench_eval_prints_the_mia_on_off_time_ratio(tiny_path):
+    proc = run_script("bench/bench_eval.py", "--model_path", str(tiny_path), "--data_path", "synthetic", "--mia",
+                      "--max_samples", "4", "--repeats", "2", "--threads", "1", timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^\| 2 \| [\d.]+ \([\d.]+\) \| [\d.]+ \([\d.]+\) \| [\d.]+ \| [\d.]+ \|$", proc.stdout, re.M)
+    assert re.search(r"^MIA on/off evaluation time ratio: [\d.]+ wall, [\d.]+ CPU \(medians over pairs; "
+                     r"goal <= 1\.15: (met|NOT met)\)$", proc.stdout, re.M)

@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,10 +136,12 @@ def test_factual_split_normalized_probability_and_truth_ratio_by_hand(word_token
 
 @pytest.mark.parametrize("convention, expected", [
     # "x y": Answer:->x, x->y, y->EOS all greedy: reproduced from the question alone, ES 1.
-    # "y x": no answer token is the greedy one: ES 0 (open-unlearning: 1/n = 1/3, as the last token is wrong).
+    # "y x": no answer token is the greedy one: ES 0.
     # "x z": right, wrong (x->y), right (z->EOS): k = 2 of n = 3, ES 1/3.   "z": wrong, right: ES 1 - 1/2.
     ("paper", [1.0, 0.0, 1 / 3, 1 / 2]),
-    ("open_unlearning", [1.0, 1 / 3, 1 / 3, 1 / 2]),
+    # open-unlearning drops the EOS label, then caps k at n - 1: "y x" [wrong, wrong] and "x z" [right, wrong] give
+    # 1 - 1/2; "z" [wrong] gives 1 - 0/1.
+    ("open_unlearning", [1.0, 1 / 2, 1 / 2, 1.0]),
 ])
 def test_extraction_strength_by_hand(word_tokenizer, convention, expected):
     enc = [encode_qa(word_tokenizer, STUB_FAMILY, "q", a, 32) for a in ("x y", "y x", "x z", "z")]
@@ -149,6 +153,70 @@ def test_forget_split_es_comes_with_the_answer_scores(word_tokenizer):
             for a in ("x y", "y x", "x z")]
     out = E.score_perturbed_split(BigramStub(), word_tokenizer, STUB_FAMILY, rows, STUB, "forget", with_es=True)
     np.testing.assert_allclose(out["es"], [1.0, 0.0, 1 / 3])
+
+
+def _moments(previous: str) -> tuple[float, float]:
+    """Mean and variance of log p under the stub's next-token distribution after `previous`, from TABLE."""
+    p = np.array(TABLE[previous])
+    mu = float((p * np.log(p)).sum())
+    return mu, float((p * np.log(p) ** 2).sum() - mu**2)
+
+
+def test_token_stats_and_every_attack_score_by_hand(word_tokenizer):
+    # "x z" scores x|Answer: = 1/2, z|x = (1 - 3/4) / 6 = 1/24 and </s>|z = 1/2.
+    p_rest_x = (1 - 3 / 4) / 6
+    settings = E.EvalSettings(batch_size=3, max_length=32, mia_k=0.4)
+    rows = [{"question": "q", "answer": "x z"}, {"question": "q", "answer": "x y"}]
+    enc = [encode_qa(word_tokenizer, STUB_FAMILY, r["question"], r["answer"], 32) for r in rows]
+    scores = E.score_answers(BigramStub(), enc, batch_size=2, token_stats=[0])
+    assert list(scores.tokens) == [0]  # only the encodings asked for
+    tokens = scores.tokens[0]
+    np.testing.assert_allclose(tokens.logp, np.log([1 / 2, p_rest_x, 1 / 2]), rtol=1e-5)
+    moments = np.array([_moments(w) for w in ("Answer:", "x", "z")])
+    np.testing.assert_allclose(tokens.mu, moments[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(tokens.var, moments[:, 1], rtol=1e-5)
+
+    out = E.evaluate_holdout(BigramStub(), word_tokenizer, STUB_FAMILY, rows[:1], settings)
+    loss = (2 * math.log(2) + math.log(24)) / 3
+    assert out["mia_loss"] == [pytest.approx(loss, rel=1e-6)]
+    assert out["mia_zlib"] == [pytest.approx(loss / len(zlib.compress(b"x z")), rel=1e-6)]
+    # min-k% ranks x and z, not the end-of-turn: int(2 x 0.4) = 0 -> the single lowest, log 1/24.
+    assert out["mia_min_k"] == [pytest.approx(math.log(24), rel=1e-6)]
+    z = (np.log([1 / 2, p_rest_x]) - moments[:2, 0]) / np.sqrt(moments[:2, 1])
+    assert out["mia_min_k_plus_plus"] == [pytest.approx(-z.min(), rel=1e-5)]
+    whole = E.evaluate_holdout(BigramStub(), word_tokenizer, STUB_FAMILY, rows[:1], replace(settings, mia_k=1.0))
+    assert whole["mia_min_k"] == [pytest.approx((math.log(2) + math.log(24)) / 2, rel=1e-6)]
+    assert whole["mia_min_k_plus_plus"] == [pytest.approx(-z.mean(), rel=1e-5)]
+
+
+class ShiftedStub(BigramStub):
+    """The stub with P(y | x) raised to 3/4 (the rest renormalised): a different model for the reference attack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        row = torch.tensor(_row({"y": 3 / 4, "</s>": 1 / 8}), dtype=torch.float64)
+        self.log_probs.data[ID["x"]] = row.log().float()
+
+
+def test_forget_mia_scores_come_from_the_scoring_pool_and_match_a_holdout_pass(word_tokenizer):
+    rows = [{"question": "q", "answer": a, "paraphrased_answer": "x y", "perturbed_answer": ["z", "y x"]}
+            for a in ("x y", "y x", "x z", "z")]
+    forget = E.score_perturbed_split(BigramStub(), word_tokenizer, STUB_FAMILY, rows, STUB, "forget", with_mia=True)
+    holdout = E.evaluate_holdout(BigramStub(), word_tokenizer, STUB_FAMILY, rows, STUB)
+    for key in ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"):
+        np.testing.assert_allclose(forget[key], holdout[key], rtol=1e-6, err_msg=key)
+    np.testing.assert_allclose(forget["mia_loss"], -np.log(forget["prob"]), rtol=1e-6)
+    plain = E.score_perturbed_split(BigramStub(), word_tokenizer, STUB_FAMILY, rows, STUB, "forget")
+    assert plain == {k: v for k, v in forget.items() if not k.startswith("mia_")}
+
+    # Reference attack: the mean NLL minus the reference model's, over the same 3 label tokens. ShiftedStub changes
+    # only P(. | x): "x y" scores y|x 1/2 against 3/4 -> (ln 3/4 - ln 1/2) / 3 = ln(3/2) / 3; "y x" scores </s>|x
+    # 1/4 against 1/8 -> (ln 1/8 - ln 1/4) / 3 = -ln(2) / 3.
+    data = {"forget": rows[:1], "holdout": rows[1:2]}
+    per_sample = {"forget": {"mia_loss": forget["mia_loss"][:1]}, "holdout": {"mia_loss": holdout["mia_loss"][1:2]}}
+    ref = E.reference_attack(ShiftedStub(), word_tokenizer, STUB_FAMILY, data, per_sample, STUB)
+    assert ref["forget"] == [pytest.approx(math.log(3 / 2) / 3, rel=1e-5)]
+    assert ref["holdout"] == [pytest.approx(-math.log(2) / 3, rel=1e-5)]
 
 
 def test_length_batches_are_even_sorted_and_complete():
@@ -241,21 +309,34 @@ def _encodings(tokenizer, n: int) -> list[dict[str, list[int]]]:
             for r in rows for a in (r["answer"], r["paraphrased_answer"])]
 
 
-def test_batched_scoring_equals_one_at_a_time_and_full_log_softmax(tiny):
+def test_batched_scoring_equals_one_at_a_time_and_full_log_softmax(tiny, monkeypatch):
     model, tokenizer, _ = tiny
     enc = _encodings(tokenizer, 5)
     assert len({len(e["input_ids"]) for e in enc}) > 1  # padding really happens
-    batched = E.score_answers(model, enc, batch_size=4, es_convention="paper")
-    single = E.score_answers(model, enc, batch_size=1, es_convention="paper")
+    # Token statistics of every other encoding, in chunks of 3 vocabulary rows (the chunking must not matter).
+    monkeypatch.setattr(E, "MOMENT_CHUNK", 3 * len(tokenizer))
+    wanted = range(0, len(enc), 2)
+    batched = E.score_answers(model, enc, batch_size=4, es_convention="paper", token_stats=wanted)
+    single = E.score_answers(model, enc, batch_size=1, es_convention="paper", token_stats=wanted)
     np.testing.assert_allclose(batched.mean_nll, single.mean_nll, atol=1e-5)
     assert batched.n_tokens == single.n_tokens and batched.es == single.es
+    assert sorted(batched.tokens) == list(wanted)
     # Independent reference: the full-vocabulary log-softmax of an unpadded forward pass.
-    for e, nll in zip(enc, batched.mean_nll):
+    for i, (e, nll) in enumerate(zip(enc, batched.mean_nll)):
         ids, labels = torch.tensor([e["input_ids"]]), torch.tensor(e["labels"][1:])
         with torch.no_grad():
-            logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            logp = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
         answer = labels != -100
-        assert nll == pytest.approx(-logp[answer].gather(-1, labels[answer, None]).mean().item(), abs=1e-5)
+        target = logp[answer].gather(-1, labels[answer, None]).squeeze(-1)
+        assert nll == pytest.approx(-target.mean().item(), abs=1e-5)
+        if i in wanted:
+            p = logp[answer].exp()
+            mu = (p * logp[answer]).sum(-1)
+            for got in (batched.tokens[i], single.tokens[i]):
+                np.testing.assert_allclose(got.logp, target.numpy(), atol=1e-5)
+                np.testing.assert_allclose(got.mu, mu.numpy(), atol=1e-5)
+                np.testing.assert_allclose(got.var, (p * (logp[answer] - mu[:, None]) ** 2).sum(-1).numpy(),
+                                           rtol=1e-4, atol=1e-5)
 
 
 def test_left_padded_batched_generation_equals_unbatched(tiny):
@@ -320,10 +401,12 @@ def full_result(model_dirs, tmp_path_factory) -> dict:
 def test_eval_writes_every_summary_key_and_consistent_per_sample_values(full_result):
     summary = full_result["summary"]
     assert set(E.SUMMARY_KEYS) <= set(summary)
-    assert summary["forget_quality"] is None and summary["log10_forget_quality"] is None
-    assert all(summary[k] is not None for k in E.SUMMARY_KEYS if "forget_quality" not in k)
+    # No retain_result: no forget quality and no privleak; no mia_reference_model: no reference attack.
+    missing = {"forget_quality", "log10_forget_quality", "privleak", "mia_reference_auc"}
+    assert all(summary[k] is None for k in missing)
+    assert all(summary[k] is not None for k in E.SUMMARY_KEYS if k not in missing)
     timing = full_result["timing"]
-    assert set(timing) == set(E.SPLITS) and all(t["samples_per_s"] > 0 for t in timing.values())
+    assert set(timing) == {*E.SPLITS, E.HOLDOUT} and all(t["samples_per_s"] > 0 for t in timing.values())
     per = full_result["per_sample"]
     rows = {"forget": load_tofu("forget01_perturbed", DATA)[:6],
             "real_authors": load_tofu("real_authors_perturbed", DATA)[:6]}
@@ -340,6 +423,14 @@ def test_eval_writes_every_summary_key_and_consistent_per_sample_values(full_res
     assert summary["retain_strength"] == pytest.approx(np.mean(per["retain"]["es"]))
     assert summary["forget_strength"] == pytest.approx(1 - np.mean(forget["es"]))
     assert full_result["config"]["resolved_model_path"].endswith("/a")
+    # MIA: forget01's answers against the first rows of holdout01, one AUC per attack.
+    holdout = per[E.HOLDOUT]
+    assert holdout["question"] == [r["question"] for r in load_tofu("holdout01", DATA)[:6]]
+    for attack in ("loss", "zlib", "min_k", "min_k_plus_plus"):
+        key = f"mia_{attack}"
+        assert len(forget[key]) == len(holdout[key]) == 6
+        assert summary[f"{key}_auc"] == pytest.approx(M.mia_auc(forget[key], holdout[key]))
+    np.testing.assert_allclose(forget["mia_loss"], -np.log(forget["prob"]), rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -377,6 +468,44 @@ def test_rerun_reuses_per_sample_values_and_applies_a_new_retain_result(model_di
     assert third["per_sample"] == first["per_sample"]
     assert third["summary"]["forget_quality"] == pytest.approx(1.0)
     assert third["summary"]["log10_forget_quality"] == pytest.approx(0.0)
+    # ... and privleak 0: its min-k AUC is the retain AUC.
+    assert third["summary"]["privleak"] == 0.0
+
+
+def test_mia_off_changes_nothing_else_and_the_reference_attack_subtracts_the_reference_loss(model_dirs, tmp_path):
+    a, b = model_dirs
+    args = (*SMALL, "splits=[forget]", "max_new_tokens=2")
+    on = run_eval(f"model_path={a}", f"output_dir={tmp_path / 'on'}", *args, f"mia_reference_model={b}")
+    off = run_eval(f"model_path={a}", f"output_dir={tmp_path / 'off'}", *args, "mia=false")
+    assert set(off["per_sample"]) == {"forget"} and all(v is None for k, v in off["summary"].items() if "mia" in k)
+    assert off["per_sample"]["forget"] == {k: v for k, v in on["per_sample"]["forget"].items()
+                                           if not k.startswith("mia_")}
+    reference = run_eval(f"model_path={b}", f"output_dir={tmp_path / 'b'}", *args)["per_sample"]
+    for split in ("forget", E.HOLDOUT):
+        mine = on["per_sample"][split]
+        np.testing.assert_allclose(mine["mia_reference"],
+                                   np.subtract(mine["mia_loss"], reference[split]["mia_loss"]), atol=1e-6)
+    assert on["summary"]["mia_reference_auc"] == pytest.approx(
+        M.mia_auc(on["per_sample"]["forget"]["mia_reference"], on["per_sample"][E.HOLDOUT]["mia_reference"]))
+    assert "mia_reference" in on["timing"]
+
+
+def test_mia_config_errors(model_dirs, tmp_path):
+    args = (f"model_path={model_dirs[0]}", f"output_dir={tmp_path}", *SMALL, "splits=[forget]", "max_new_tokens=2")
+    with pytest.raises(ConfigError, match="mia_k=0 must be a fraction"):
+        run_eval(*args, "mia_k=0")
+    with pytest.raises(ConfigError, match="mia_reference_model is for the reference attack"):
+        run_eval(*args, "mia=false", f"mia_reference_model={model_dirs[1]}")
+    # A retain result without MIA scores cannot give privleak.
+    no_mia = run_eval(*args, "mia=false")
+    path = tmp_path / "retain.json"
+    path.write_text(json.dumps(no_mia))
+    with pytest.raises(ConfigError, match="has no MIA scores, which privleak needs"):
+        run_eval(*args, f"retain_result={path}", f"output_dir={tmp_path / 'other'}")
+    # ... nor one whose min-k% averaged another fraction of the tokens.
+    path.write_text(json.dumps(run_eval(*args, "mia_k=0.2", f"output_dir={tmp_path / 'k02'}")))
+    with pytest.raises(ConfigError, match="used mia_k=0.2, this run mia_k=0.4"):
+        run_eval(*args, f"retain_result={path}", f"output_dir={tmp_path / 'other'}")
 
 
 def test_other_model_files_are_never_served_from_the_cache(model_dirs, tmp_path, capsys):

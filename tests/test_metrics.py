@@ -93,17 +93,32 @@ def test_model_utility_harmonic_mean_and_zero():
 @pytest.mark.parametrize(
     ("correct", "paper", "open_unlearning"),
     [
+        # open-unlearning first drops the final label token (the end-of-turn), then scores the rest.
         ([True, True, True, True], 1.0, 1.0),  # k = 0
-        ([False, False, False, False], 0.0, 0.25),  # k = 4; open-unlearning stops at k = 3
-        ([True, False, True, True], 0.5, 0.5),  # last wrong is token 2 -> k = 2
-        ([False, True, True, True], 0.75, 0.75),  # k = 1
-        ([True, True, True, False], 0.0, 0.25),  # only the last token wrong still forces k = n
-        ([False], 0.0, 1.0),  # n = 1: open-unlearning scores 1/n = 1
+        ([False, False, False, False], 0.0, 1 / 3),  # k = 4; open-unlearning: [F, F, F] stops at k = 2 of 3
+        ([True, False, True, True], 0.5, 1 / 3),  # last wrong is token 2 -> k = 2 of 4; of 3 without the last
+        ([False, True, True, True], 0.75, 2 / 3),  # k = 1 of 4; of 3
+        ([True, True, True, False], 0.0, 1.0),  # only the last token wrong: k = n; open-unlearning never sees it
+        ([False, True], 0.5, 1.0),  # [F] alone: open-unlearning stops at k = 0
+        ([False], 0.0, 0.0),  # n = 1: nothing left for open-unlearning, which scores 0
     ],
 )
 def test_extraction_strength_cases(correct, paper, open_unlearning):
     assert M.extraction_strength(correct) == pytest.approx(paper)
     assert M.extraction_strength(correct, convention="open_unlearning") == pytest.approx(open_unlearning)
+
+
+def test_open_unlearning_es_drops_the_end_of_turn_token_and_scores_1_over_n_without_a_match():
+    # Greedy correctness of 3 answer tokens and the end-of-turn token.
+    # [T, F, T | F]: paper k = 4 of 4 -> 0. open-unlearning scores [T, F, T]: k = 2 of 3 -> 1/3
+    #   (leaving the end-of-turn in n, with 1/n where no suffix matches, would give 1/4).
+    # [T, T, F | T]: paper k = 3 of 4 -> 1/4. open-unlearning: no suffix of [T, T, F] matches, k stops at 2 -> 1/3
+    #   (with the end-of-turn in n: 1/4).
+    T, F = True, False
+    correct = [[F, T, F, T, F], [F, T, T, F, T]]
+    mask = [[F, T, T, T, T], [F, T, T, T, T]]
+    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask), [0.0, 0.25])
+    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask, "open_unlearning"), [1 / 3, 1 / 3])
 
 
 def test_extraction_strength_matches_literal_definitions():
@@ -113,22 +128,25 @@ def test_extraction_strength_matches_literal_definitions():
         n = correct.size
         # Paper: smallest k in 0..n such that every prediction from k on is right.
         k_paper = next(k for k in range(n + 1) if correct[k:].all())
-        # open-unlearning: first k in range(n) whose suffix matches, else the loop leaves k = n - 1.
-        k_ou = next((k for k in range(n) if correct[k:].all()), n - 1)
         assert M.extraction_strength(correct) == pytest.approx(1 - k_paper / n)
-        assert M.extraction_strength(correct, "open_unlearning") == pytest.approx(1 - k_ou / n)
+        # open-unlearning: the labels without the last; the first k in range(n') whose suffix matches, else the loop
+        # leaves k = n' - 1; no labels left scores 0.
+        body = correct[:-1]
+        k_ou = next((k for k in range(body.size) if body[k:].all()), body.size - 1)
+        expected = 1 - k_ou / body.size if body.size else 0.0
+        assert M.extraction_strength(correct, "open_unlearning") == pytest.approx(expected)
 
 
 def test_extraction_strength_batch_uses_only_answer_positions():
     T, F = True, False
     correct = [[T, F, T, F, T, T],  # question positions are wrong but masked out; answer [T, F, T, T] -> 0.5
-               [T, T, F, F, F, F],  # answer [F, F, F] -> 0 (paper), 1/3 (open-unlearning)
+               [T, T, F, F, F, F],  # answer [F, F, F] -> 0 (paper), [F, F]: 1/2 (open-unlearning)
                [T, T, T, T, T, T]]  # no answer tokens -> NaN
     mask = [[F, F, T, T, T, T],
             [F, F, F, T, T, T],
             [F, F, F, F, F, F]]
     np.testing.assert_allclose(M.extraction_strength_batch(correct, mask), [0.5, 0.0, np.nan])
-    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask, "open_unlearning"), [0.5, 1 / 3, np.nan])
+    np.testing.assert_allclose(M.extraction_strength_batch(correct, mask, "open_unlearning"), [1 / 3, 1 / 2, np.nan])
     with pytest.raises(ValueError):
         M.extraction_strength_batch(correct, mask, "wang")
     with pytest.raises(ValueError):
@@ -258,3 +276,77 @@ def test_rouge_with_memoised_stemmer_equals_rouge_score_default():
         expected = [stock.score(r, p)["rougeL"].recall for p, r in zip(preds, refs)]
         np.testing.assert_array_equal(M.rouge_l_recall(preds, refs), expected)
     assert 0 < expected[0] < 1
+
+
+# ---- Membership inference ----
+
+def test_min_k_score_averages_the_lowest_int_n_k_log_probs():
+    logp = np.log([0.5, 0.1, 0.25, 0.05, 0.8])
+    # n = 5, k = 0.4: int(2.0) = 2 lowest, log 0.05 and log 0.1 -> score -(log 0.05 + log 0.1) / 2 = log(sqrt(200))
+    assert M.min_k_score(logp, 0.4) == pytest.approx(np.log(sqrt(200)))
+    # k = 0.1: int(0.5) = 0, at least one token -> -log 0.05; k = 1: minus the mean of all (the loss).
+    assert M.min_k_score(logp, 0.1) == pytest.approx(np.log(20))
+    assert M.min_k_score(logp, 1.0) == pytest.approx(-np.mean(logp))
+    with pytest.raises(ValueError):
+        M.min_k_score([], 0.4)
+    with pytest.raises(ValueError):
+        M.min_k_score(logp, 0.0)
+
+
+def test_min_k_plus_plus_standardises_by_the_next_token_distribution():
+    logp = [-1.0, -3.0, -2.0]
+    mu = [-2.0, -1.0, -2.0]
+    var = [4.0, 1.0, 0.0]
+    # z = (-1 + 2) / 2 = 0.5, (-3 + 1) / 1 = -2, (-2 + 2) / sqrt(1e-6) = 0 (variance clamped at 1e-6).
+    # k = 0.4: int(1.2) = 1 lowest -> 2.0; k = 1: -(0.5 - 2 + 0) / 3 = 0.5.
+    assert M.min_k_plus_plus_score(logp, mu, var, 0.4) == pytest.approx(2.0)
+    assert M.min_k_plus_plus_score(logp, mu, var, 1.0) == pytest.approx(0.5)
+    # The clamp is what keeps a deterministic distribution finite: z = (-1.5 + 1) / 1e-3 = -500.
+    assert M.min_k_plus_plus_score([-1.5], [-1.0], [0.0], 0.4) == pytest.approx(500.0)
+    with pytest.raises(ValueError):
+        M.min_k_plus_plus_score(logp, mu[:2], var, 0.4)
+
+
+def test_zlib_and_reference_scores():
+    import zlib
+
+    texts = ["aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "The Silent Harbor was written in Lisbon."]
+    lengths = [len(zlib.compress(t.encode())) for t in texts]
+    assert lengths[0] < lengths[1]  # repetition compresses: zlib normalises loss by how surprising the text is
+    np.testing.assert_array_equal(M.zlib_length(texts), lengths)
+    np.testing.assert_allclose(M.zlib_score([2.0, 3.0], texts), [2.0 / lengths[0], 3.0 / lengths[1]])
+    np.testing.assert_allclose(M.reference_score([2.0, 0.5], [1.5, 1.0]), [0.5, -0.5])
+    with pytest.raises(ValueError):
+        M.zlib_score([1.0], texts)
+
+
+def _pairwise_auc(forget, holdout) -> float:
+    wins = sum((h > f) + 0.5 * (h == f) for h in holdout for f in forget)
+    return wins / (len(holdout) * len(forget))
+
+
+def test_mia_auc_is_the_pairwise_count_with_ties_as_half():
+    forget, holdout = [1.0, 2.0, 2.0, 5.0], [2.0, 3.0, 0.5]
+    # holdout 2.0: beats 1.0, ties two 2.0s -> 2; 3.0: beats three -> 3; 0.5: 0. (1 + 1 + 3) / 12 = 5/12.
+    assert M.mia_auc(forget, holdout) == pytest.approx(5 / 12)
+    assert M.mia_auc(forget, holdout) == pytest.approx(_pairwise_auc(forget, holdout))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        f, h = rng.integers(0, 6, size=int(rng.integers(1, 30))), rng.integers(0, 6, size=int(rng.integers(1, 30)))
+        assert M.mia_auc(f, h) == pytest.approx(_pairwise_auc(f, h))
+    # Orientation: forget scores lower (more member-like) than every holdout score -> 1; the reverse -> 0.
+    assert M.mia_auc([0.1, 0.2], [0.3, 0.4]) == 1.0 and M.mia_auc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert M.mia_auc([1.0, 1.0], [1.0]) == 0.5
+    with pytest.raises(ValueError):
+        M.mia_auc([], [1.0])
+    with pytest.raises(ValueError):
+        M.mia_auc([np.nan], [1.0])
+
+
+def test_privleak_relative_to_the_retain_auc():
+    assert M.privleak(0.6, 0.6) == 0.0  # the retain model against itself
+    # (0.5 - 0.95) / (1 - 0.5) x 100 = -90: a memorised forget set; (0.6 - 0.4) / 0.4 x 100 = 50.
+    assert M.privleak(0.95, 0.5) == pytest.approx(-90.0)
+    assert M.privleak(0.4, 0.6) == pytest.approx(50.0)
+    with pytest.raises(ValueError):
+        M.privleak(0.5, 1.0)

@@ -1,7 +1,8 @@
 """The whole pipeline through its entry points on the synthetic data, small enough for CI:
 θ_r (fine-tuned on retain99) vs θ_f (θ_r plus the forget01 authors, injected into a random 10% of value vectors).
 The model that saw the forget set must score lower forget quality against θ_r than θ_r scores against itself,
-and higher forget-split probability and extraction strength; unlearning it must raise Forget Strength."""
+higher forget-split probability and extraction strength, and a higher min-k% MIA AUC (negative privleak); unlearning
+it must raise Forget Strength."""
 from __future__ import annotations
 
 import json
@@ -59,6 +60,9 @@ def test_the_model_that_saw_the_forget_set_is_distinguishable(pipeline):
     assert full["forget_quality"] < retain_self["forget_quality"]
     assert full["forget_prob"] > retain_self["forget_prob"]
     assert full["forget_strength"] < retain_self["forget_strength"]  # FS = 1 - ES: it extracts more
+    # Membership inference tells its forget answers from holdout ones better than the retain model's.
+    assert retain["privleak"] is None and retain_self["privleak"] == 0.0
+    assert full["mia_min_k_auc"] > retain_self["mia_min_k_auc"] and full["privleak"] < 0
 
 
 def test_unlearning_raises_forget_strength(pipeline):
