@@ -340,6 +340,7 @@ def report(family: str, divisors: list[int], batch: int, seq_len: int) -> None:
     print_rows(rows)
     print()
     print("activation fits, bytes per token (width = 1/divisor):")
+    print()
     print("| measured path | " + " | ".join(f"1/{d}" for d in divisors) + " | full width | largest residual |")
     print("|---|" + "---:|" * (len(divisors) + 2))
     for name, (full, residual, ys) in fits.items():
