@@ -1,16 +1,16 @@
 """Checks at the real shapes on one GPU, from random-init models and synthetic tokens (nothing downloaded).
 
-    python bench/gpu_check.py            # one GPU; about 5 minutes on an H200
+    python bench/gpu_check.py            # one GPU; meant to take under 8 minutes on an H200 (not yet run on one)
     python bench/gpu_check.py --tiny     # tiny shapes on the CPU (the test suite runs this)
 
 Prints one JSON line per check:
-- masked_npo (Llama-3.1-8B and OLMo-2-7B shapes): `--steps` npo steps on a 10% random mask, bf16 model with fp32
+- masked_npo (Llama-3.1-8B and OLMo-2-7B shapes): 1 + 3 npo steps on a 10% random mask, bf16 model with fp32
   masked values (masking.apply_value_vector_mask, dataloader's npo, AdamW and clipping as trainer.train does them);
   peak memory, seconds per step, and the fraction of masked values changed at lr 1e-5 in the fp32 masters and in
   the bf16 checkpoint (masking.plain_state_dict).
 - full_deepspeed: one full-parameter step through trainer's DeepSpeed engine (config/ds_config.json, ZeRO-2, one
   process). 8B with fp32 masters and Adam state does not fit one GPU without offloading (bench/bench_memory.py),
-  so this check keeps the Llama width and `--full_layers` layers, and reports its parameters beside its peak.
+  so this check keeps the Llama width with 8 layers, and reports its parameters beside its peak.
 - evaluation: evaluator.score_answers over 128 sequences and evaluator.generate_answers, 128 greedy generations
   of 200 new tokens (the tiny family's tokenizer and chat format; ids it lacks decode to nothing).
 - attribution: mask_generator.compute_scores for bench_memory's method over one forget and one retain batch.
