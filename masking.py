@@ -65,9 +65,9 @@ LORA_BASE = ".base_layer."  # peft's prefix of a wrapped layer's own weights in 
 def _lora_merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What merge_and_unload() of a copy would hold, computed one LoRA layer at a time from the live model.
 
-    Copying the model to merge it would double its memory (16 GB more at 8B in bf16); here only the merged target
-    weights are new, and the live model stays unmerged and trainable. W + delta is added in fp32 and rounded once to
-    W's dtype, as peft's in-place merge of fp32 adapters into a bf16 weight does, so the two agree to the bit.
+    Copying the model to merge it would double its memory; here only the merged target weights are new, and the
+    live model stays unmerged and trainable. W + delta is added in fp32 and rounded once to W's dtype, as peft's
+    in-place merge of fp32 adapters into a bf16 weight does, so the two agree to the bit.
     """
     from peft.tuners.lora import LoraLayer
 
