@@ -56,12 +56,35 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modu
     return peft_model, [p for p in peft_model.parameters() if p.requires_grad]
 
 
+LORA_BASE = ".base_layer."  # peft's prefix of a wrapped layer's own weights in the state dict
+
+
+@torch.no_grad()
+def _lora_merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What merge_and_unload() of a copy would hold, computed one LoRA layer at a time from the live model.
+
+    Copying the model to merge it would double its memory; here only the merged target weights are new, and the
+    live model stays unmerged and trainable. W + delta is added in fp32 and rounded once to W's dtype, as peft's
+    in-place merge of fp32 adapters into a bf16 weight does, so the two agree to the bit.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    state = {k.replace(LORA_BASE, "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight
+            merged = weight.float()
+            for adapter in module.active_adapters:
+                merged = merged + module.get_delta_weight(adapter)
+            state[f"{name}.weight"] = merged.to(weight.dtype)
+    return state
+
+
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights of an ordinary checkpoint: masked values written into their columns, LoRA merged."""
     if hasattr(model, "peft_config"):
-        import copy
-
-        return copy.deepcopy(model).merge_and_unload().state_dict()
+        return _lora_merged_state_dict(model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(MASKED_VALUES)}
     for name, module in model.named_modules():
         if hasattr(module, MASKED_VALUES):

@@ -1,11 +1,17 @@
 """The benchmark scripts run end to end at their smallest settings and print their ratio lines."""
 from __future__ import annotations
 
+import json
 import re
+import sys
 from pathlib import Path
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from mask_generator import ATTRIBUTIONS
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import LLAMA31_8B_PARAMS  # noqa: E402
+from gpu_check import CHECKS  # noqa: E402
 
 # Mostly imports of torch and transformers (three processes for bench_unlearn); ~35 s together on 2 busy cores.
 TIMEOUT_S = 120
@@ -55,3 +61,46 @@ def test_bench_eval_prints_the_mia_on_off_time_ratio(tiny_path):
     assert re.search(r"^\| 2 \| [\d.]+ \([\d.]+\) \| [\d.]+ \([\d.]+\) \| [\d.]+ \| [\d.]+ \|$", proc.stdout, re.M)
     assert re.search(r"^MIA on/off evaluation time ratio: [\d.]+ wall, [\d.]+ CPU \(medians over pairs; "
                      r"goal <= 1\.15: (met|NOT met)\)$", proc.stdout, re.M)
+
+
+def test_bench_memory_counts_the_real_shapes_and_partitions_zero2():
+    # 2 x 64 tokens: the fewest at which a step's activations outweigh its lm_head gradient (bench_memory's docstring).
+    proc = run_script("bench/bench_memory.py", "--family", "llama3.1-8b-inst", "--widths", "64,32", "--batch", "2",
+                      "--seq_len", "64", timeout=3 * TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 11 and cells[2].replace(",", "").isdigit():
+            rows[cells[0], cells[1]] = cells
+    # Published counts: Llama-3.1-8B's parameters; 10% of its 32 x 14336 value vectors of 4096; LoRA r=8 on all
+    # seven projections (peft's count for Llama-3-8B).
+    assert {int(r[2].replace(",", "")) for r in rows.values()} == {LLAMA31_8B_PARAMS}
+    assert rows["masked 10%, cached reference NLLs (npo)", "any"][3] == "187,904,000"
+    assert rows["LoRA r=8, npo", "any"][3] == "20,971,520"
+    # bf16 weights: 2 B each; ZeRO-2 divides gradients and optimizer state (fp32 masters + 2 Adam moments) by N.
+    one, eight = rows["full fine-tune, ZeRO-2", "1"], rows["full fine-tune, ZeRO-2", "8"]
+    assert float(one[4]) == round(LLAMA31_8B_PARAMS * 2 / 2**30, 2) and float(one[5]) == float(one[4])
+    assert float(one[6]) == round(LLAMA31_8B_PARAMS * 12 / 2**30, 2)
+    assert abs(float(eight[6]) - float(one[6]) / 8) <= 0.01 and eight[4] == one[4]
+    resident, cached = rows["masked 10%, resident reference model (kl)", "any"], rows["masked 10%, cached reference NLLs (npo)", "any"]
+    assert abs(float(resident[4]) - float(cached[4]) - float(one[4])) <= 0.01  # a second bf16 model
+    assert all(float(r[7]) > 0 for r in rows.values())  # activations per token, fitted
+    assert re.search(r"^masked checkpoint on disk \(bf16\): compact [\d.]+ GiB .* vs full [\d.]+ GiB: 0\.02\d\dx$",
+                     proc.stdout, re.M)
+
+
+def test_gpu_check_tiny_runs_every_check_on_the_cpu():
+    proc = run_script("bench/gpu_check.py", "--tiny", timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["check"], r["shape"]) for r in results] == [(name, family) for name, family, _ in CHECKS]
+    for r in results:
+        assert r["device"] == "cpu" and r["peak_gib"] is None
+    masked = [r for r in results if r["check"] == "masked_npo"]
+    # Adam's steps move every fp32 master; bf16 rounding hides some of those moves in the checkpoint.
+    assert all(r["changed_fp32_masters"] == 1.0 and 0 < r["changed_bf16_checkpoint"] < 1.0 for r in masked)
+    full = next(r for r in results if r["check"] == "full_deepspeed")
+    assert full["bf16"] and full["zero_stage"] == 2
+    evaluation = next(r for r in results if r["check"] == "evaluation")
+    assert evaluation["generations"] == evaluation["scored_sequences"]

@@ -78,6 +78,18 @@ def test_working_flash_attn_is_chosen_and_logged(fake_flash_attn, monkeypatch, c
     assert models.attention_implementation(CPU) == "sdpa"
 
 
+# ---- Models are read straight onto their device ----
+
+def test_load_model_reads_weights_onto_the_device_without_moving_a_host_copy(tiny_path, monkeypatch):
+    """On the meta device nothing can be copied: the weights land there only if from_pretrained put them there."""
+    moves = []
+    real_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moves.append(a) or real_to(self, *a, **k))
+    model = models.load_model(str(tiny_path), torch.device("meta"), torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+    assert moves == []
+
+
 # ---- The GPU environment installs what the CPU one does ----
 
 def _pins(lines: list[str]) -> dict[str, str]:

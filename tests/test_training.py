@@ -217,6 +217,36 @@ def test_lora_checkpoint_is_a_plain_merged_model(tiny_path, tmp_path):
         assert changed == (name.endswith(("q_proj.weight", "v_proj.weight"))), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_merge_equals_peft_merge_of_a_copy_and_leaves_the_model_unmerged(tiny_path, dtype):
+    """To the bit, fp32 adapters on a bf16 model included; weights outside the adapters are not copied."""
+    import copy
+
+    from masking import apply_lora
+
+    model, trainable = apply_lora(load_model(str(tiny_path), torch.device("cpu"), dtype), r=4, alpha=8, dropout=0.0,
+                                  target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(0)
+    for p in trainable:  # as if trained: B is no longer zero
+        p.data.normal_(0, 0.05)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = torch.arange(1, 9)[None]
+    logits = model(batch).logits
+
+    merged = plain_state_dict(model)
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert set(merged) == set(expected)
+    for name, value in expected.items():
+        assert merged[name].dtype == dtype and torch.equal(merged[name], value), name
+    embed = "model.embed_tokens.weight"
+    assert merged[embed].data_ptr() == model.get_base_model().state_dict()[embed].data_ptr()
+    # Saving mid-run leaves the live model as it was: nothing merged into it, the same outputs, still training.
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(batch).logits, logits)
+    model(batch).logits.sum().backward()
+    assert all(p.grad is not None for p in trainable)
+
+
 def _changed_fraction(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
     changed = sum((b.float() != a.float()).sum().item() for b, a in zip(before, after))
     return changed / sum(b.numel() for b in before)
