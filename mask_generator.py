@@ -377,17 +377,27 @@ def _grad_sum(model: nn.Module, batches: Iterable[Batch], desc: str, cfg: Mappin
     device = _device(model)
     buf = torch.zeros((len(weights), *weights[0].shape), dtype=torch.float32, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    with _scoring_scope(model, weights), torch.enable_grad():
-        for raw in _progress(batches, desc, cfg):
-            batch = _to_device(raw, device)
-            for loss, n in loss_terms(model, batch):
-                count += n
-                if n.item() > 0:
-                    loss.backward()
-            for layer, w in enumerate(weights):
-                if w.grad is not None:
-                    buf[layer] += w.grad.float()
-                    w.grad = None
+
+    def add_to_buf(layer: int):
+        def hook(w: nn.Parameter) -> None:
+            # into the float32 sum as soon as backward has it: no model-sized .grad lives beside the sum
+            buf[layer] += w.grad.float()
+            w.grad = None
+
+        return hook
+
+    handles = [w.register_post_accumulate_grad_hook(add_to_buf(layer)) for layer, w in enumerate(weights)]
+    try:
+        with _scoring_scope(model, weights), torch.enable_grad():
+            for raw in _progress(batches, desc, cfg):
+                batch = _to_device(raw, device)
+                for loss, n in loss_terms(model, batch):
+                    count += n
+                    if n.item() > 0:
+                        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
     return buf, count
 
 
@@ -514,13 +524,14 @@ def _memflex_stats_from(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
         if stats[key].item() == 0:
             raise ValueError(f"memflex_down: no example with an answer token in the {'forget' if key == 'n_f' else 'retain'} set")
     cosines, mean_abs = [], []
-    for layer in range(stats["grad_f"].shape[0]):  # per layer: float64 temporaries of one layer, not of the model
+    for layer in range(stats["grad_f"].shape[0]):  # per layer: float64 copies of one layer, not of the model
         gf = stats["grad_f"][layer].double() / stats["n_f"]
         gr = stats["grad_r"][layer].double() / stats["n_r"]
-        dot = (gf * gr).sum(dim=0)
-        denom = gf.norm(dim=0) * gr.norm(dim=0)
+        # norms first, then the product in place of gf: no third layer-sized temporary
+        mean_abs.append(torch.linalg.vector_norm(gf, 1, dim=0) / gf.shape[0])
+        denom = torch.linalg.vector_norm(gf, dim=0) * torch.linalg.vector_norm(gr, dim=0)
+        dot = gf.mul_(gr).sum(dim=0)
         cosines.append(torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dot)))
-        mean_abs.append(gf.abs().mean(dim=0))
     return torch.stack(cosines).cpu(), torch.stack(mean_abs).cpu()
 
 
@@ -640,16 +651,16 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
                 alpha = torch.tensor([k / steps for k in ks], device=device).view(r, 1, 1, 1)
                 copies = {key: t.repeat(r, 1) for key, t in b.items()}
                 pos3 = pos.repeat(r, 1).unsqueeze(-1)
-                zs = {layer: torch.zeros((r, *acts[layer].shape), dtype=acts[layer].dtype, device=device,
-                                         requires_grad=True) for layer in group}
+                # The scaled activations are leaves: at prediction positions, where they replace the input, their
+                # gradient is dF/d(input); elsewhere it is 0 and never read.
+                scaled = {layer: (acts[layer] * alpha).to(acts[layer].dtype).flatten(0, 1).requires_grad_()
+                          for layer in group}
 
-                def scale(layer: int, alpha=alpha, zs=zs, pos3=pos3):
+                def scale(layer: int, scaled=scaled, pos3=pos3):
                     def hook(_module, args):
-                        if layer not in zs:
+                        if layer not in scaled:
                             return None
-                        scaled = (acts[layer] * alpha).to(acts[layer].dtype).flatten(0, 1)
-                        new = torch.where(pos3, scaled, args[0]) + zs[layer].flatten(0, 1)
-                        return (new, *args[1:])
+                        return (torch.where(pos3, scaled[layer], args[0]), *args[1:])
 
                     return hook
 
@@ -657,9 +668,9 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
                 with torch.enable_grad(), _pre_hooks(downs, scale), \
                         _start_at_layer(model, start, inputs[start].repeat(r, *[1] * (inputs[start].dim() - 1))):
                     nll, _ = token_nll(model, copies)
-                    grads = torch.autograd.grad(-nll.sum(), [zs[layer] for layer in group])
+                    grads = torch.autograd.grad(-nll.sum(), [scaled[layer] for layer in group])
                 for layer, g in zip(group, grads):
-                    gsum[layer] += g.float().sum(0)
+                    gsum[layer] += g.float().view(r, *acts[layer].shape).sum(0)
             for layer in group:
                 out[layer] = (acts[layer].float() * gsum[layer] / steps)[pos]
     return out
