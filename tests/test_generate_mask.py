@@ -112,3 +112,12 @@ def test_shape_only_masks_load_no_weights(tiny_path, tmp_path, monkeypatch, extr
         assert all(torch.equal(a, b) for a, b in zip(indices, expected))
     else:
         assert sum(map(len, indices)) == 3 and not set(indices[0].tolist()) & {0, 1}
+
+
+def test_unreadable_config_is_a_config_error(tmp_path):
+    import generate_mask
+    from runtime import ConfigError
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="could not load a model config from"):
+        generate_mask.load_shape(str(tmp_path))
