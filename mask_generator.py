@@ -563,8 +563,9 @@ def memflex_statistics(model: nn.Module, forget_batches: Iterable[Batch], retain
 
 
 @contextlib.contextmanager
-def _start_at_layer(model: nn.Module, start: int, hidden: torch.Tensor) -> Iterator[None]:
-    """Forwards of ``model`` skip decoder layers below ``start``; layer ``start`` gets ``hidden`` as its input.
+def _start_at_layer(model: nn.Module, start: int, hidden: torch.Tensor, copies: int) -> Iterator[None]:
+    """Forwards of ``model`` skip decoder layers below ``start``; layer ``start`` gets ``hidden`` (B, T, d_model),
+    repeated ``copies`` times along the batch, as its input.
 
     The decoder's layer list is swapped for its tail, so the layers below are not run at all (their outputs do
     not change with what is scaled above them); the embedding still runs, its output is discarded."""
@@ -574,6 +575,7 @@ def _start_at_layer(model: nn.Module, start: int, hidden: torch.Tensor) -> Itera
         return
     owner_name = next(name for name, m in model.named_modules() if m is layers).rpartition(".")[0]
     owner = model.get_submodule(owner_name)
+    hidden = hidden.repeat(copies, 1, 1)
 
     def inject(_module, args, kwargs):
         if args:
@@ -665,8 +667,7 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
                     return hook
 
                 start = group[0]
-                with torch.enable_grad(), _pre_hooks(downs, scale), \
-                        _start_at_layer(model, start, inputs[start].repeat(r, *[1] * (inputs[start].dim() - 1))):
+                with torch.enable_grad(), _pre_hooks(downs, scale), _start_at_layer(model, start, inputs[start], r):
                     nll, _ = token_nll(model, copies)
                     grads = torch.autograd.grad(-nll.sum(), [scaled[layer] for layer in group])
                 for layer, g in zip(group, grads):
