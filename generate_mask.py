@@ -13,9 +13,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
+from transformers import AutoConfig, PretrainedConfig
 
 from dataloader import QADataset, load_tofu, retain_split_for
-from mask_generator import (ATTRIBUTIONS, compute_scores, load_mask, make_meta, mask_path, model_shape,
+from mask_generator import (ATTRIBUTIONS, SHAPE_ONLY, compute_scores, load_mask, make_meta, mask_path, model_shape,
                             random_complement, save_mask, select_top)
 from models import family_config, load_model, load_tokenizer, resolve_model_path
 from runtime import (ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything,
@@ -39,6 +40,18 @@ def validate(c: dict[str, Any]) -> None:
         raise ConfigError(f"target_mask_path={c['target_mask_path']} does not exist")
 
 
+def shape_only(c: dict[str, Any]) -> bool:
+    """Whether the mask follows from the model's shape alone (then no weights are loaded)."""
+    return c["variant"] == "random_complement" or c["attribution"] in SHAPE_ONLY
+
+
+def load_shape(model_path: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"could not load a model config from {model_path}: {str(err).splitlines()[0]}") from None
+
+
 def sharded_loader(dataset: QADataset, batch_size: int) -> DataLoader:
     return DataLoader(Subset(dataset, shard(len(dataset))), batch_size=batch_size, collate_fn=dataset.collate)
 
@@ -60,7 +73,7 @@ def generate(cfg: DictConfig) -> None:
         return
 
     model_path = resolve_model_path(c["model_family"], c["model_path"], c["data_path"])
-    model = load_model(model_path, device)
+    model = load_shape(model_path) if shape_only(c) else load_model(model_path, device)
     n_layers, d_ff = model_shape(model)
     if c["variant"] == "random_complement":
         try:

@@ -39,10 +39,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
-from dataloader import IGNORE_INDEX, token_nll_from_logits
+from dataloader import IGNORE_INDEX, token_nll
 from models import decoder_layers
 from runtime import is_main
+
 MASK_FORMAT = "loc-unlearn-mask/1"
 
 Batch = Mapping[str, torch.Tensor]
@@ -53,6 +55,7 @@ __all__ = [
     "ATTRIBUTIONS",
     "MASK_FORMAT",
     "MaskFileNotFoundError",
+    "SHAPE_ONLY",
     "STATISTICS",
     "accumulate_statistics",
     "all_reduce_statistics",
@@ -183,8 +186,10 @@ def mlp_modules(model: nn.Module) -> list[nn.Module]:
     return mlps
 
 
-def model_shape(model: nn.Module) -> tuple[int, int]:
-    """(n_layers, d_ff): number of decoder layers and value vectors per layer."""
+def model_shape(model: nn.Module | PretrainedConfig) -> tuple[int, int]:
+    """(n_layers, d_ff): number of decoder layers and value vectors per layer, of a model or of its config alone."""
+    if isinstance(model, PretrainedConfig):
+        return model.num_hidden_layers, model.intermediate_size
     mlps = mlp_modules(model)
     d_ff = {m.down_proj.weight.shape[1] for m in mlps}
     if len(d_ff) != 1:
@@ -204,10 +209,6 @@ def _to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     mask = batch.get("attention_mask")
     out["attention_mask"] = (torch.ones_like(out["input_ids"]) if mask is None else mask).to(device)
     return out
-
-
-def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
 def _prediction_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -303,9 +304,13 @@ def _cfg_choice(cfg: Mapping[str, Any], key: str, default: str, choices: Sequenc
 
 # --------------------------------------------------------------------------- random_down
 
+# Methods whose scores depend on (n_layers, d_ff) alone: they accept the model's config in place of the model,
+# so a caller can skip loading the weights.
+SHAPE_ONLY = frozenset({"random_down"})
+
 
 @register_attribution("random_down")
-def random_down(model: nn.Module, forget_batches, retain_batches, cfg: Mapping[str, Any]) -> torch.Tensor:
+def random_down(model: nn.Module | PretrainedConfig, forget_batches, retain_batches, cfg: Mapping[str, Any]) -> torch.Tensor:
     """Uniform random scores from a generator seeded with cfg["seed"] (top-k = uniform random subset)."""
     if cfg.get("seed") is None:
         raise ValueError("random_down needs cfg['seed']")
@@ -338,7 +343,7 @@ def _activation_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
             batch = _to_device(raw, device)
             current["pos"] = _prediction_positions(batch["labels"])
             n_tok += current["pos"].sum()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            token_nll(model, batch)  # only the hooks' captures are wanted; this forward builds no (B, T, V) logits
     return {"act_sum": act_sum, "n_tok": n_tok}
 
 
@@ -360,30 +365,45 @@ def _down_weights(model: nn.Module) -> list[nn.Parameter]:
     return [m.down_proj.weight for m in mlp_modules(model)]
 
 
+LossTerms = Callable[[nn.Module, dict[str, torch.Tensor]], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
 def _grad_sum(model: nn.Module, batches: Iterable[Batch], desc: str, cfg: Mapping[str, Any],
-              loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over batches of d(loss_fn)/d(down_proj.weight), stacked (n_layers, d_model, d_ff) float32, and the count."""
+              loss_terms: LossTerms) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over batches of d(sum of loss_terms)/d(down_proj.weight), stacked (n_layers, d_model, d_ff) float32,
+    and the summed count.  Each (loss, count) term is backpropagated as it comes, so only one term's graph is
+    alive at a time."""
     weights = _down_weights(model)
     device = _device(model)
     buf = torch.zeros((len(weights), *weights[0].shape), dtype=torch.float32, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    with _scoring_scope(model, weights), torch.enable_grad():
-        for raw in _progress(batches, desc, cfg):
-            batch = _to_device(raw, device)
-            loss, n = loss_fn(model, batch)
-            count += n
-            if n.item() == 0:
-                continue
-            loss.backward()
-            for layer, w in enumerate(weights):
-                buf[layer] += w.grad.float()
-                w.grad = None
+
+    def add_to_buf(layer: int):
+        def hook(w: nn.Parameter) -> None:
+            # into the float32 sum as soon as backward has it: no model-sized .grad lives beside the sum
+            buf[layer] += w.grad.float()
+            w.grad = None
+
+        return hook
+
+    handles = [w.register_post_accumulate_grad_hook(add_to_buf(layer)) for layer, w in enumerate(weights)]
+    try:
+        with _scoring_scope(model, weights), torch.enable_grad():
+            for raw in _progress(batches, desc, cfg):
+                batch = _to_device(raw, device)
+                for loss, n in loss_terms(model, batch):
+                    count += n
+                    if n.item() > 0:
+                        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
     return buf, count
 
 
-def _summed_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    nll, valid = token_nll_from_logits(_logits(model, batch), batch["labels"])
-    return nll.sum(), valid.sum().double()
+def _summed_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    nll, valid = token_nll(model, batch)
+    yield nll.sum(), valid.sum().double()
 
 
 def _loss_scale(stats: Stats, count_key: str, cfg: Mapping[str, Any]) -> torch.Tensor | float:
@@ -472,35 +492,30 @@ def _memflex_vocab(model: nn.Module, cfg: Mapping[str, Any]) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
-def _memflex_loss_fn(cfg: Mapping[str, Any], vocab: int):
+def _memflex_loss_terms(cfg: Mapping[str, Any], vocab: int):
     seed = _cfg_int(cfg, "seed", 0)
     copies = _cfg_int(cfg, "memflex_copies", 3)
     if copies < 1:
         raise ValueError(f"cfg['memflex_copies'] must be >= 1, got {copies}")
     corrupt_inputs = bool(cfg.get("memflex_corrupt_inputs", True))
 
-    def loss_fn(model, batch):
-        total = None
-        count = torch.zeros((), dtype=torch.float64, device=batch["input_ids"].device)
-        for c in range(copies):
+    def loss_terms(model, batch):
+        for c in range(copies):  # one term per copy: _grad_sum frees each copy's graph before building the next
             cb = corrupt_answers(batch, vocab, seed, c, corrupt_inputs)
-            nll, valid = token_nll_from_logits(_logits(model, cb), cb["labels"])
+            nll, valid = token_nll(model, cb)
             n = valid.sum(dim=1)
             has = n > 0
             per_example = nll.sum(dim=1)[has] / n[has]  # token-mean NLL of each example
-            term = per_example.sum()
-            total = term if total is None else total + term
-            count += has.sum()
-        return total, count
+            yield per_example.sum(), has.sum().double()
 
-    return loss_fn
+    return loss_terms
 
 
 def _memflex_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
     vocab = _memflex_vocab(model, cfg)
-    loss_fn = _memflex_loss_fn(cfg, vocab)
-    gf, nf = _grad_sum(model, _require(forget_batches, "forget", "memflex_down"), "memflex_down forget", cfg, loss_fn)
-    gr, nr = _grad_sum(model, _require(retain_batches, "retain", "memflex_down"), "memflex_down retain", cfg, loss_fn)
+    loss_terms = _memflex_loss_terms(cfg, vocab)
+    gf, nf = _grad_sum(model, _require(forget_batches, "forget", "memflex_down"), "memflex_down forget", cfg, loss_terms)
+    gr, nr = _grad_sum(model, _require(retain_batches, "retain", "memflex_down"), "memflex_down retain", cfg, loss_terms)
     return {"grad_f": gf, "n_f": nf, "grad_r": gr, "n_r": nr}
 
 
@@ -508,13 +523,16 @@ def _memflex_stats_from(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
     for key in ("n_f", "n_r"):
         if stats[key].item() == 0:
             raise ValueError(f"memflex_down: no example with an answer token in the {'forget' if key == 'n_f' else 'retain'} set")
-    gf = stats["grad_f"].double() / stats["n_f"]
-    gr = stats["grad_r"].double() / stats["n_r"]
-    dot = (gf * gr).sum(dim=1)
-    denom = gf.norm(dim=1) * gr.norm(dim=1)
-    cosine = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dot))
-    mean_abs_gf = gf.abs().mean(dim=1)
-    return cosine.cpu(), mean_abs_gf.cpu()
+    cosines, mean_abs = [], []
+    for layer in range(stats["grad_f"].shape[0]):  # per layer: float64 copies of one layer, not of the model
+        gf = stats["grad_f"][layer].double() / stats["n_f"]
+        gr = stats["grad_r"][layer].double() / stats["n_r"]
+        # norms first, then the product in place of gf: no third layer-sized temporary
+        mean_abs.append(torch.linalg.vector_norm(gf, 1, dim=0) / gf.shape[0])
+        denom = torch.linalg.vector_norm(gf, dim=0) * torch.linalg.vector_norm(gr, dim=0)
+        dot = gf.mul_(gr).sum(dim=0)
+        cosines.append(torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dot)))
+    return torch.stack(cosines).cpu(), torch.stack(mean_abs).cpu()
 
 
 def _memflex_finalize(model, stats, cfg) -> torch.Tensor:
@@ -544,21 +562,58 @@ def memflex_statistics(model: nn.Module, forget_batches: Iterable[Batch], retain
 # --------------------------------------------------------------------------- integrated gradients (Dai et al., 2022)
 
 
-def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str = "layer") -> torch.Tensor:
+@contextlib.contextmanager
+def _start_at_layer(model: nn.Module, start: int, hidden: torch.Tensor, copies: int) -> Iterator[None]:
+    """Forwards of ``model`` skip decoder layers below ``start``; layer ``start`` gets ``hidden`` (B, T, d_model),
+    repeated ``copies`` times along the batch, as its input.
+
+    The decoder's layer list is swapped for its tail, so the layers below are not run at all (their outputs do
+    not change with what is scaled above them); the embedding still runs, its output is discarded."""
+    layers = decoder_layers(model)
+    if start == 0:
+        yield
+        return
+    owner_name = next(name for name, m in model.named_modules() if m is layers).rpartition(".")[0]
+    owner = model.get_submodule(owner_name)
+    hidden = hidden.repeat(copies, 1, 1)
+
+    def inject(_module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = layers[start].register_forward_pre_hook(inject, with_kwargs=True)
+    owner.layers = nn.ModuleList(list(layers)[start:])
+    try:
+        yield
+    finally:
+        owner.layers = layers
+        handle.remove()
+
+
+IG_ALPHA_BATCH = 5  # alpha steps per pass: on CPU 5 x the batch beat both 1 and all 20 (docs/BENCHMARKS.md)
+
+
+def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str = "layer",
+                          alpha_batch: int = IG_ALPHA_BATCH) -> torch.Tensor:
     """Signed IG attributions (n_layers, N, d_ff) float32 for the N prediction positions of ``batch``
     (row-major over (example, position)).  F = sum over answer tokens of log p(answer token).
 
     At layer l the down_proj input at prediction positions is replaced by alpha_k * a (a = the unscaled
     activation, baseline 0), alpha_k = k/steps, k = 1..steps; attribution = a * mean_k dF/d(input).
     mode "layer": one layer scaled at a time (others untouched) -> sum over a layer ~ F(1) - F(layer zeroed).
-    mode "all": all layers scaled together (one path) -> sum over all layers ~ F(1) - F(all zeroed)."""
+    mode "all": all layers scaled together (one path) -> sum over all layers ~ F(1) - F(all zeroed).
+    ``alpha_batch`` alpha steps run as one forward+backward over that many copies of the batch (fewer: less
+    memory); the layers below the scaled one run once per batch, not per step."""
     if steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {steps}")
     if mode not in ("layer", "all"):
         raise ValueError(f"ig mode must be 'layer' or 'all', got {mode!r}")
-    mlps = mlp_modules(model)
-    downs = [m.down_proj for m in mlps]
-    n_layers = len(mlps)
+    if alpha_batch < 1:
+        raise ValueError(f"ig_alpha_batch must be >= 1, got {alpha_batch}")
+    downs = [m.down_proj for m in mlp_modules(model)]
+    layers = decoder_layers(model)
+    n_layers = len(downs)
     device = _device(model)
     b = _to_device(batch, device)
     pos = _prediction_positions(b["labels"])
@@ -569,37 +624,54 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
         return out
     with _scoring_scope(model):
         acts: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+        inputs: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
-        def capture(layer: int):
-            def hook(_module, args):
-                acts[layer] = args[0].detach()
+        def capture(store: list[torch.Tensor], layer: int):
+            def hook(_module, args, kwargs):
+                store[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
 
             return hook
 
-        with torch.no_grad(), _pre_hooks(downs, capture):
-            _logits(model, b)
+        handles = [m.register_forward_pre_hook(capture(store, i), with_kwargs=True)
+                   for store, modules in ((acts, downs), (inputs, layers)) for i, m in enumerate(modules)]
+        try:
+            with torch.no_grad():
+                token_nll(model, b)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i, x in enumerate(inputs) if x is None]
+        if missing:  # its layers' code runs without the modules' hooks: a forward cannot be started at a layer
+            raise RuntimeError(f"{type(model).__name__} never called decoder layer {missing[0]} as a module")
         groups = [[layer] for layer in range(n_layers)] if mode == "layer" else [list(range(n_layers))]
-        pos3 = pos.unsqueeze(-1)
         for group in groups:
             gsum = {layer: torch.zeros_like(acts[layer], dtype=torch.float32) for layer in group}
-            for k in range(1, steps + 1):
-                alpha = k / steps
-                zs = {layer: torch.zeros_like(acts[layer], requires_grad=True) for layer in group}
+            for first in range(1, steps + 1, alpha_batch):
+                ks = range(first, min(first + alpha_batch, steps + 1))
+                r = len(ks)
+                # r copies of the batch stacked along dim 0, copy j scaled by alpha = ks[j] / steps
+                alpha = torch.tensor([k / steps for k in ks], device=device).view(r, 1, 1, 1)
+                copies = {key: t.repeat(r, 1) for key, t in b.items()}
+                pos3 = pos.repeat(r, 1).unsqueeze(-1)
+                # The scaled activations are leaves: at prediction positions, where they replace the input, their
+                # gradient is dF/d(input); elsewhere it is 0 and never read.
+                scaled = {layer: (acts[layer] * alpha).to(acts[layer].dtype).flatten(0, 1).requires_grad_()
+                          for layer in group}
 
-                def scale(layer: int, alpha=alpha, zs=zs):
+                def scale(layer: int, scaled=scaled, pos3=pos3):
                     def hook(_module, args):
-                        if layer not in zs:
+                        if layer not in scaled:
                             return None
-                        new = torch.where(pos3, acts[layer] * alpha, args[0]) + zs[layer]
-                        return (new, *args[1:])
+                        return (torch.where(pos3, scaled[layer], args[0]), *args[1:])
 
                     return hook
 
-                with torch.enable_grad(), _pre_hooks(downs, scale):
-                    nll, _ = token_nll_from_logits(_logits(model, b), b["labels"])
-                    grads = torch.autograd.grad(-nll.sum(), [zs[layer] for layer in group])
+                start = group[0]
+                with torch.enable_grad(), _pre_hooks(downs, scale), _start_at_layer(model, start, inputs[start], r):
+                    nll, _ = token_nll(model, copies)
+                    grads = torch.autograd.grad(-nll.sum(), [scaled[layer] for layer in group])
                 for layer, g in zip(group, grads):
-                    gsum[layer] += g.float()
+                    gsum[layer] += g.float().view(r, *acts[layer].shape).sum(0)
             for layer in group:
                 out[layer] = (acts[layer].float() * gsum[layer] / steps)[pos]
     return out
@@ -608,6 +680,7 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
 def _ig_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
     forget_batches = _require(forget_batches, "forget", "ig_down")
     steps = _cfg_int(cfg, "ig_steps", 20)
+    alpha_batch = _cfg_int(cfg, "ig_alpha_batch", IG_ALPHA_BATCH)
     mode = _cfg_choice(cfg, "ig_mode", "layer", ("layer", "all"))
     agg = _cfg_choice(cfg, "ig_aggregate", "abs", ("abs", "signed", "pos"))
     n_layers, d_ff = model_shape(model)
@@ -615,7 +688,7 @@ def _ig_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
     attr_sum = torch.zeros(n_layers, d_ff, dtype=torch.float64, device=device)
     n_tok = torch.zeros((), dtype=torch.float64, device=device)
     for raw in _progress(forget_batches, "ig_down", cfg):
-        attr = ig_token_attributions(model, raw, steps, mode).double()
+        attr = ig_token_attributions(model, raw, steps, mode, alpha_batch).double()
         if agg == "abs":
             attr = attr.abs()
         elif agg == "pos":

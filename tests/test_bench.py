@@ -30,6 +30,16 @@ def test_bench_masks_prints_a_ratio_for_every_method(tiny_path):
     for name in ["forward+backward", *ATTRIBUTIONS]:
         assert re.search(rf"^\| {re.escape(name)} \| [\d.]+ \| [\d.]+x \| [\d.]+ \| ", out, re.M), name
     assert re.search(r"^\| forward\+backward \| [\d.]+ \| 1\.00x \|", out, re.M)
+    # today's code against the reference revision's: the same masks, within float rounding of the scores
+    for name in ATTRIBUTIONS:
+        assert re.search(rf"^\| {name} \|( [^|]+ \|){{4}} [\d.]+x \| [\d.e+-]+ \| True \|$", out, re.M), name
+        assert re.search(rf"^\| {name} \(reference\) \| [\d.]+ \| [\d.]+x \|", out, re.M), name
+
+
+def test_bench_masks_wide_prints_peak_memory_ratios(tiny_path):
+    out = _run("bench/bench_masks.py", tiny_path, "--wide", "2", "64", "128", "--methods", "memflex_down", "random_down")
+    for name in ("memflex_down", "random_down"):
+        assert re.search(rf"^\| {name} \| [\d.]+ MiB \| [\d.]+ MiB \| ([\d.]+x|n/a) \| [\d.e+-]+ \| True \|$", out, re.M), name
 
 
 def test_bench_unlearn_prints_state_time_and_memory_ratios(tiny_path):

@@ -83,3 +83,41 @@ def test_unlearn_rejects_a_mask_for_another_model_shape(tiny_path, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "layer" in result.stderr.strip().splitlines()[-1]
     assert not list(tmp_path.rglob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("extra", [(), ("variant=random_complement", "target_mask_path=TARGET")])
+def test_shape_only_masks_load_no_weights(tiny_path, tmp_path, monkeypatch, extra):
+    """random_down, and any random_complement, read the model's config only; the mask is the one the model gives."""
+    from omegaconf import OmegaConf
+
+    import generate_mask
+    from mask_generator import compute_scores, select_top
+    from models import load_model
+
+    model = load_model(str(tiny_path), torch.device("cpu"))
+    target = tmp_path / "target.pt"
+    save_mask(target, [torch.tensor([0, 1]), torch.tensor([2])], {"n_layers": 2, "d_ff": 512})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_model called for a shape-only mask")
+
+    monkeypatch.setattr(generate_mask, "load_model", refuse)
+    cfg = OmegaConf.load(Path(generate_mask.__file__).parent / "config" / "get_mask_tofu.yaml")
+    del cfg["hydra"], cfg["defaults"]
+    overrides = [a.replace("TARGET", str(target)) for a in (*_args(tiny_path, tmp_path / "m")[1:], "attribution=random_down", *extra)]
+    generate_mask.generate(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)))
+    indices, _ = load_mask(_only_mask(tmp_path / "m"))
+    if not extra:
+        expected = select_top(compute_scores("random_down", model, None, None, {"seed": 42}), 0.1)
+        assert all(torch.equal(a, b) for a, b in zip(indices, expected))
+    else:
+        assert sum(map(len, indices)) == 3 and not set(indices[0].tolist()) & {0, 1}
+
+
+def test_unreadable_config_is_a_config_error(tmp_path):
+    import generate_mask
+    from runtime import ConfigError
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="could not load a model config from"):
+        generate_mask.load_shape(str(tmp_path))

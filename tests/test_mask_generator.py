@@ -403,6 +403,15 @@ class _ToyMLP(torch.nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class _ToyLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _ToyMLP()
+
+    def forward(self, h):
+        return h + self.mlp(h.cumsum(1) / torch.arange(1, h.shape[1] + 1).view(1, -1, 1))  # causal mixing
+
+
 class _ToyLM(torch.nn.Module):
     """Llama-shaped causal toy in plain torch (model.model.layers[l].mlp): spawned ranks skip importing transformers."""
 
@@ -411,15 +420,13 @@ class _ToyLM(torch.nn.Module):
         torch.manual_seed(0)
         self.model = torch.nn.Module()
         self.model.embed = torch.nn.Embedding(VOCAB, D_MODEL)
-        self.model.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(N_LAYERS))
-        for layer in self.model.layers:
-            layer.mlp = _ToyMLP()
+        self.model.layers = torch.nn.ModuleList(_ToyLayer() for _ in range(N_LAYERS))
         self.head = torch.nn.Linear(D_MODEL, VOCAB, bias=False)
 
     def forward(self, input_ids, attention_mask=None, use_cache=None):
         h = self.model.embed(input_ids)
         for layer in self.model.layers:
-            h = h + layer.mlp(h.cumsum(1) / torch.arange(1, h.shape[1] + 1).view(1, -1, 1))  # causal mixing
+            h = layer(h)
         return type("Out", (), {"logits": self.head(h)})()
 
 
@@ -473,3 +480,67 @@ def test_compare_and_cli(tmp_path, capsys):
     assert (out / "layer_distribution.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((out / "compare.json").read_text())
     assert data["jaccard"]["b"]["a"] == pytest.approx(0.6)
+
+
+# --------------------------------------------------------------------------- cost at real scale
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("activation", {}),
+    ("grad_down", {}),
+    ("wagle_down", {}),
+    ("memflex_down", {"seed": 3, "memflex_copies": 2}),
+    ("ig_down", {"ig_steps": 3, "ig_alpha_batch": 2}),
+])
+def test_lm_head_only_at_answer_positions(model, name, cfg):
+    """No method builds (batch, length, vocabulary) logits: the head sees answer positions only (times the
+    alpha copies IG stacks into one pass), as in training's token_nll."""
+    most_answers = max(int((b["labels"][:, 1:] != -100).sum()) for b in FORGET + RETAIN)
+    copies = cfg.get("ig_alpha_batch", 1)
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: shapes.append(out.shape))
+    try:
+        mg.compute_scores(name, model, FORGET, RETAIN, cfg)
+    finally:
+        handle.remove()
+    assert shapes
+    for shape in shapes:
+        assert len(shape) == 2 and shape[0] <= copies * most_answers, shape
+
+
+@pytest.mark.parametrize("alpha_batch", [1, 2, 5])
+def test_ig_runs_lower_layers_once_per_batch(model, alpha_batch):
+    """Layer 0 runs in the capture pass and in layer 0's own passes only (never for layer 1's alpha steps);
+    how the alpha steps are grouped into passes does not change the attributions."""
+    steps, batch = 5, FORGET[0]
+    calls = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        attr = mg.ig_token_attributions(model, batch, steps, "layer", alpha_batch=alpha_batch)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 + -(-steps // alpha_batch)
+    one_step_per_pass = mg.ig_token_attributions(model, batch, steps, "layer", alpha_batch=1)
+    assert torch.allclose(attr, one_step_per_pass, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(mg.ig_token_attributions(model, batch, steps, "all", alpha_batch=alpha_batch),
+                          mg.ig_token_attributions(model, batch, steps, "all", alpha_batch=1), rtol=1e-5, atol=1e-7)
+
+
+def test_ig_refuses_a_model_that_never_calls_its_layers():
+    class Uncalled(_ToyLM):
+        def forward(self, input_ids, attention_mask=None, use_cache=None):
+            h = self.model.embed(input_ids)
+            for layer in self.model.layers:
+                h = _ToyLayer.forward(layer, h)  # the layer's code without calling the module: no hooks fire
+            return type("Out", (), {"logits": self.head(h)})()
+
+    with pytest.raises(RuntimeError, match="never called decoder layer 0 as a module"):
+        mg.ig_token_attributions(Uncalled(), FORGET[0], 2, "layer")
+
+
+def test_random_down_from_the_config_alone(model):
+    """Shape-only methods take the config in place of the model, with the same scores."""
+    assert mg.SHAPE_ONLY == {"random_down"}
+    assert mg.model_shape(model.config) == mg.model_shape(model)
+    assert torch.equal(mg.compute_scores("random_down", model.config, None, None, {"seed": 5}),
+                       mg.compute_scores("random_down", model, None, None, {"seed": 5}))
