@@ -178,6 +178,28 @@ def load_plain_weights(model: torch.nn.Module, checkpoint: Path) -> None:
         raise RuntimeError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+class ModelSwitcher:
+    """Loads models one after another for evaluation; compact checkpoints of the starting model already loaded
+    swap only their values (its original columns are restored first), so a trajectory loads θ_o once."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None = None):
+        self.device, self.dtype = device, dtype
+        self.model: torch.nn.Module | None = None
+        self.loaded: str | None = None  # the model directory self.model holds once `undo` is restored
+        self.undo: Undo = []
+
+    def load(self, path: str) -> torch.nn.Module:
+        meta = compact_meta(path)
+        base = starting_model(path, meta) if meta is not None else None
+        if meta is None or base != self.loaded:
+            self.model, self.undo = None, []  # free the old model before loading the next
+            self.model = load_any_model(base or path, self.device, self.dtype)
+            self.loaded = str(local_model_dir(base or path) or path)
+        restore(self.undo)
+        self.undo = apply_compact(self.model, path) if meta is not None else []
+        return self.model
+
+
 def export(checkpoint: str, out_dir: str) -> Path:
     """Write a compact checkpoint as a full HF directory (weights in the dtype it was trained in, tokenizer, run
     files); returns out_dir."""

@@ -1,14 +1,20 @@
-"""Compact checkpoints: the same weights as a full checkpoint, and refused without their starting model."""
+"""Compact checkpoints: the same weights as a full checkpoint, refused without their starting model, and a trajectory
+evaluated in one process with the same numbers as one process per checkpoint."""
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
+import checkpoints
+import eval_tofu
 import unlearn
 from checkpoints import COMPACT_META, export, load_any_model, save_compact, starting_model_reference, weights_fingerprint
 from conftest import ROOT
@@ -17,6 +23,8 @@ from models import load_model, load_tokenizer
 from runtime import ConfigError, run_main
 
 CPU = torch.device("cpu")
+SMALL_EVAL = ["model_family=tiny", "data_path=synthetic", "forget_split=forget01", "max_samples=4", "max_new_tokens=4",
+              "batch_size=4", "generation_batch_size=4"]
 
 
 @pytest.fixture
@@ -96,3 +104,51 @@ def test_a_compact_checkpoint_without_its_starting_model_is_refused(theta_o, tmp
     code, line = _unlearn_exit(args, capsys)
     assert code == 2 and line.startswith(f"error: compact checkpoint {compact} needs its starting model")
     assert "which does not exist" in line
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """evaluate() points the root logger at the captured stdout; put the old handlers back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _evaluate(*overrides: str) -> list[dict]:
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = compose("eval_tofu", overrides=[*SMALL_EVAL, *overrides])
+    return [json.loads(path.read_text()) for path in eval_tofu.evaluate(cfg)]
+
+
+def test_a_trajectory_in_one_process_equals_one_evaluation_per_model(theta_o, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    models = [theta_o, *(_save(_trained(theta_o, seed=s), theta_o, run / f"checkpoint-{s}", compact=True)
+                         for s in (1, 2)),
+              _save(_trained(theta_o, seed=3), theta_o, run / "checkpoint-3", compact=False),
+              _save(_trained(theta_o, seed=4), theta_o, run / "checkpoint-4", compact=True)]
+    separate = [_evaluate(f"model_path={m}", f"output_dir={tmp_path / 'separate' / m.name}")[0] for m in models]
+
+    loads = []
+    real_load = checkpoints.load_model
+    monkeypatch.setattr(checkpoints, "load_model", lambda path, *a: loads.append(Path(path).name) or real_load(path, *a))
+    listed = "model_path=[" + ",".join(f"'{m}'" for m in models) + "]"
+    together = _evaluate(listed)
+    # theta_o once for checkpoints 1 and 2, the full checkpoint 3, then theta_o again for checkpoint 4.
+    assert loads == ["theta_o", "checkpoint-3", "theta_o"]
+    for one, alone, model in zip(together, separate, models):
+        assert one["config"]["model_path"] == str(model)
+        assert one["model"]["fingerprint"] == alone["model"]["fingerprint"]
+        for split, values in alone["per_sample"].items():
+            for key, value in values.items():
+                if key in ("question", "generation"):
+                    assert one["per_sample"][split][key] == value
+                else:
+                    np.testing.assert_allclose(one["per_sample"][split][key], value, rtol=1e-6, atol=1e-6)
+    assert len({json.dumps(r["per_sample"]["forget"]["prob"]) for r in together}) == len(models)
+
+    capsys.readouterr()
+    loads.clear()
+    assert _evaluate(listed) == together  # resumable: current results are reused, no model is loaded
+    assert loads == [] and capsys.readouterr().out.count("reusing the per-sample results") == len(models)
