@@ -207,7 +207,7 @@ def export(checkpoint: str, out_dir: str) -> Path:
     if meta is None:
         raise ConfigError(f"{checkpoint} is not a compact checkpoint (no {COMPACT_META})")
     model = load_any_model(checkpoint, torch.device("cpu"), getattr(torch, meta["dtype"]))
-    skip = {COMPACT_META, VALUES_FILE, "config.json", "trainer_state.pt", "eval_results"}
+    skip = {COMPACT_META, VALUES_FILE, "config.json", "trainer_state.pt"}  # config.json: save_pretrained writes it
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for item in Path(checkpoint).iterdir():
