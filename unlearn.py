@@ -131,7 +131,6 @@ def unlearn(cfg: DictConfig) -> None:
         return
 
     model_path = resolve_model_path(c["model_family"], c["model_path"], c["data_path"])
-    starting = starting_model_reference(model_path) if c["save_format"] == "compact" else None
     family = family_config(c["model_family"])
     forget_rows = load_tofu(c["forget_split"], c["data_path"])
     retain_rows = load_tofu(c["retain_split"], c["data_path"]) if "retain" in spec.parts else []
@@ -142,6 +141,8 @@ def unlearn(cfg: DictConfig) -> None:
              f" (+ {c['retain_split']})" if retain_rows else "", c["data_path"] or "the hub")
 
     model = load_any_model(model_path, device, DTYPES[c["precision"]])
+    # After loading, which fetches a hub model into the local cache the reference then points to.
+    starting = starting_model_reference(model_path) if c["save_format"] == "compact" else None
     for part in spec.cached_ref:
         dataset.ref_nll[part] = reference_nll(model, dataset, part, c["batch_size"], device)
     ref_model = None

@@ -15,9 +15,11 @@ from safetensors.torch import load_file, save_file
 
 import checkpoints
 import eval_tofu
+import generate_mask
 import unlearn
 from checkpoints import COMPACT_META, export, load_any_model, save_compact, starting_model_reference, weights_fingerprint
 from conftest import ROOT
+from mask_generator import load_mask
 from masking import apply_value_vector_mask, plain_state_dict
 from models import load_model, load_tokenizer
 from runtime import ConfigError, run_main
@@ -71,6 +73,13 @@ def test_compact_round_trip_equals_the_full_checkpoint(theta_o, tmp_path, dtype)
     assert (tmp_path / "exported" / "tokenizer.json").is_file() and not (tmp_path / "exported" / COMPACT_META).exists()
 
 
+def test_export_of_a_full_directory_is_one_clear_error(theta_o, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        checkpoints.main(["export", str(theta_o), str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip() == f"error: {theta_o} is not a compact checkpoint (no {COMPACT_META})"
+
+
 def test_fingerprint_survives_a_copy_and_sees_a_masked_change(theta_o, tmp_path):
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -104,6 +113,25 @@ def test_a_compact_checkpoint_without_its_starting_model_is_refused(theta_o, tmp
     code, line = _unlearn_exit(args, capsys)
     assert code == 2 and line.startswith(f"error: compact checkpoint {compact} needs its starting model")
     assert "which does not exist" in line
+
+
+def _activation_mask(model: Path, mask_root: Path) -> list[torch.Tensor]:
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        cfg = compose("get_mask_tofu", overrides=[
+            "model_family=tiny", f"model_path={model}", "data_path=synthetic", "forget_split=forget01",
+            "attribution=activation", "batch_size=8", f"mask_root={mask_root}"])
+    generate_mask.generate(cfg)
+    (path,) = mask_root.rglob("*.pt")
+    return load_mask(path)[0]
+
+
+def test_generate_mask_scores_a_compact_checkpoint_as_its_export(theta_o, tmp_path):
+    compact = _save(_trained(theta_o, seed=5), theta_o, tmp_path / "compact", compact=True)
+    exported = export(str(compact), str(tmp_path / "exported"))
+    from_compact = _activation_mask(compact, tmp_path / "masks_compact")
+    assert all(torch.equal(a, b) for a, b in zip(from_compact, _activation_mask(exported, tmp_path / "masks_full")))
+    # Not the starting model's mask: the checkpoint's values were used.
+    assert not all(torch.equal(a, b) for a, b in zip(from_compact, _activation_mask(theta_o, tmp_path / "masks_o")))
 
 
 @pytest.fixture(autouse=True)
