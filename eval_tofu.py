@@ -1,12 +1,15 @@
-"""Evaluate one model on TOFU: forget / retain / real authors / world facts metrics, extraction strength, forget
+"""Evaluate models on TOFU: forget / retain / real authors / world facts metrics, extraction strength, forget
 quality against a retain model's results, model utility, and membership inference (forget vs holdout) with privleak.
 
     python eval_tofu.py model_path=runs/.../checkpoint-50 data_path=../shared/data/tofu forget_split=forget10
     python eval_tofu.py model_path=... retain_result=<retain model dir>/eval_results/eval_forget10.json
+    python eval_tofu.py "model_path=[<theta_o>,<run>/checkpoint-5,<run>/checkpoint-10]" ...   # a trajectory
     torchrun --nproc_per_node=2 eval_tofu.py model_path=... data_path=...
 
-Writes <output_dir or model_path/eval_results>/eval_<forget_split>.json (rank 0). An existing JSON for the same model
-(path and file fingerprint) and config is reused: only its summary is recomputed, e.g. with a new retain_result.
+Writes <output_dir or model_path/eval_results>/eval_<forget_split>.json (rank 0) per model. An existing JSON for the
+same model (path and file fingerprint) and config is reused: only its summary is recomputed, e.g. with a new
+retain_result. A list of models is evaluated in one process, each result as its own run would write it; compact
+checkpoints of the starting model already loaded only swap their masked values in.
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import metrics as M
+from checkpoints import ModelSwitcher, load_any_model, local_model_dir
 from dataloader import load_tofu
 from evaluator import (HOLDOUT, MIA_KEYS, RETAIN_ES, SPLIT_DATA, SPLITS, EvalSettings, mia_aucs, reference_attack,
                        run_evaluation, summarize)
-from models import family_config, load_model, load_tokenizer, resolve_model_path
+from models import family_config, load_tokenizer, resolve_model_path
 from runtime import (ConfigError, broadcast_object, check_writable, init_distributed, is_main, run_main,
                      seed_everything, setup_logging, write_json)
 
@@ -72,8 +76,18 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"mia_k={c['mia_k']!r} must be a fraction in (0, 1]")
     if c["mia_reference_model"] and not (c["mia"] and "forget" in c["splits"]):
         raise ConfigError("mia_reference_model is for the reference attack: it needs mia=true and `forget` in splits")
+    if isinstance(c["model_path"], list) and not (c["model_path"] and all(isinstance(m, str) for m in c["model_path"])):
+        raise ConfigError(f"model_path={c['model_path']!r}; expected a model directory, a hub id, null, or a "
+                          f"non-empty list of model directories")
+    if len(model_paths(c)) > 1 and c["output_dir"]:
+        raise ConfigError(f"output_dir={c['output_dir']} with {len(model_paths(c))} models; each writes into its own "
+                          f"<model_path>/eval_results, so leave output_dir null")
     c["max_length"] = c["max_length"] or family["max_length"]
     return c
+
+
+def model_paths(c: dict[str, Any]) -> list[str | None]:
+    return c["model_path"] if isinstance(c["model_path"], list) else [c["model_path"]]
 
 
 def output_file(c: dict[str, Any]) -> Path:
@@ -88,12 +102,10 @@ def model_fingerprint(model_path: str) -> str | None:
     the weights are rewritten. A hub id is looked up in the local hub cache (whose snapshot path holds the commit).
     Evaluation results (eval_*.json) are skipped, so that output_dir may be the model directory itself.
     """
-    directory = Path(model_path)
-    if not directory.is_dir():
-        directory = _hub_snapshot(model_path)
-        if directory is None:
-            return None
-    digest = hashlib.sha256(str(directory.resolve()).encode())
+    directory = local_model_dir(model_path)
+    if directory is None:
+        return None
+    digest = hashlib.sha256(str(directory).encode())
     files = sorted(p for p in directory.iterdir() if p.is_file() and not RESULT_NAME.fullmatch(p.name))
     for path in files:
         stat = path.stat()
@@ -103,16 +115,6 @@ def model_fingerprint(model_path: str) -> str | None:
         else:
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
-
-
-def _hub_snapshot(repo_id: str) -> Path | None:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except ValueError:  # not a valid repo id either
-        return None
-    return Path(found).parent if isinstance(found, str) else None
 
 
 def holdout_split(forget_split: str) -> str:
@@ -208,25 +210,34 @@ def _cache_view(c: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in c.items() if k not in NOT_CACHE_KEYS}
 
 
-def evaluate(cfg: DictConfig) -> Path:
-    """Run the evaluation the config describes (every rank) and write its JSON (rank 0); returns the JSON's path."""
+def evaluate(cfg: DictConfig) -> list[Path]:
+    """Run the evaluations the config describes (every rank) and write their JSONs (rank 0); returns their paths."""
     _, world_size, device = init_distributed()
     setup_logging()
     c = resolve(cfg)
-    seed_everything(c["seed"])
-    c["resolved_model_path"] = resolve_model_path(c["model_family"], c["model_path"], c["data_path"])
-    out = output_file(c)
-    check_writable(out.parent)
+    configs = [{**c, "model_path": m, "resolved_model_path": resolve_model_path(c["model_family"], m, c["data_path"])}
+               for m in model_paths(c)]
+    for one in configs:
+        check_writable(output_file(one).parent)
     data = load_data(c)
-    retain_ratios = retain_auc = None
+    retain = {"ratios": None, "auc": None}
     if c["retain_result"]:
         other = load_retain_result(c["retain_result"], c["forget_split"], [r["question"] for r in data["forget"]])
-        retain_ratios = other["per_sample"]["forget"]["truth_ratio"]
+        retain["ratios"] = other["per_sample"]["forget"]["truth_ratio"]
         if HOLDOUT in data:
-            retain_auc = retain_privleak_auc(other, c["retain_result"], c, [r["question"] for r in data[HOLDOUT]])
+            retain["auc"] = retain_privleak_auc(other, c["retain_result"], c, [r["question"] for r in data[HOLDOUT]])
     reference_path = None
     if c["mia_reference_model"]:
         reference_path = resolve_model_path(c["model_family"], c["mia_reference_model"], c["data_path"])
+    switcher = ModelSwitcher(device)
+    return [evaluate_model(one, data, retain, reference_path, switcher, world_size) for one in configs]
+
+
+def evaluate_model(c: dict[str, Any], data: dict[str, list[dict]], retain: dict[str, Any], reference_path: str | None,
+                   switcher: ModelSwitcher, world_size: int) -> Path:
+    """One model's evaluation, or its stored per-sample values when they are current; its JSON is written by rank 0."""
+    seed_everything(c["seed"])
+    out = output_file(c)
     fingerprint = model_fingerprint(c["resolved_model_path"]) if is_main() else None
     if reference_path and fingerprint:
         # The reference attack's scores depend on the reference model's files as well.
@@ -242,25 +253,25 @@ def evaluate(cfg: DictConfig) -> Path:
     else:
         family = family_config(c["model_family"])
         tokenizer = load_tokenizer(c["model_family"], c["resolved_model_path"])
-        model = load_model(c["resolved_model_path"], device)
+        model = switcher.load(c["resolved_model_path"])
         settings = EvalSettings(**{k: c[k] for k in ("batch_size", "generation_batch_size", "max_new_tokens",
                                                      "max_length", "es_convention", "mia_k")})
         log.info("evaluating %s on %s with %d process(es)", c["resolved_model_path"], ", ".join(data), world_size)
         per_sample, timing = run_evaluation(model, tokenizer, family, data, settings)
         if reference_path:
-            # One model resident at a time: the reference only adds its answer NLLs to the stored loss scores.
-            del model
+            # The reference only adds its answer NLLs to the stored loss scores; it is released right after.
             start = time.perf_counter()
-            reference = load_model(reference_path, device)
+            reference = load_any_model(reference_path, switcher.device)
             for split, scores in reference_attack(reference, tokenizer, family, data, per_sample, settings).items():
                 per_sample[split][MIA_KEYS["reference"]] = scores
+            del reference
             seconds = time.perf_counter() - start
             n = len(data["forget"]) + len(data[HOLDOUT])
             timing["mia_reference"] = {"seconds": seconds, "samples": n, "samples_per_s": n / seconds}
         if not is_main():
             return out
 
-    summary = summarize(per_sample, retain_ratios, retain_auc)
+    summary = summarize(per_sample, retain["ratios"], retain["auc"])
     write_json(out, {"format_version": FORMAT_VERSION, "config": c,
                      "model": {"path": c["resolved_model_path"], "fingerprint": fingerprint},
                      "summary": summary, "timing": timing, "per_sample": per_sample})

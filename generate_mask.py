@@ -15,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 from transformers import AutoConfig, PretrainedConfig
 
+from checkpoints import load_any_model
 from dataloader import QADataset, load_tofu, retain_split_for
 from mask_generator import (ATTRIBUTIONS, SHAPE_ONLY, compute_scores, load_mask, make_meta, mask_path, model_shape,
                             random_complement, save_mask, select_top)
-from models import family_config, load_model, load_tokenizer, resolve_model_path
+from models import family_config, load_tokenizer, resolve_model_path
 from runtime import (ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything,
                      setup_logging, shard)
 
@@ -73,7 +74,7 @@ def generate(cfg: DictConfig) -> None:
         return
 
     model_path = resolve_model_path(c["model_family"], c["model_path"], c["data_path"])
-    model = load_shape(model_path) if shape_only(c) else load_model(model_path, device)
+    model = load_shape(model_path) if shape_only(c) else load_any_model(model_path, device)
     n_layers, d_ff = model_shape(model)
     if c["variant"] == "random_complement":
         try:

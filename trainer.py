@@ -22,12 +22,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from masking import plain_state_dict
 from runtime import (ConfigError, atomic_path, barrier, broadcast_object, init_single_process_group, is_main, rank,
                      world_size)
 
@@ -113,18 +111,6 @@ def resumable_checkpoint(run_dir: Path) -> Path | None:
     return resumable[-1] if resumable else None
 
 
-def load_plain_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Load a checkpoint's ordinary weights into a (not yet masked) model, for resuming."""
-    state = {}
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if getattr(model.config, "tie_word_embeddings", False):  # a tied head is saved once, as the embedding
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
 def train(
     model: torch.nn.Module,
     trainable: list[torch.nn.Parameter],
@@ -132,11 +118,14 @@ def train(
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
     settings: TrainSettings,
     run_dir: Path,
-    save_extra: Callable[[Path, dict[str, torch.Tensor]], None],
+    save_model: Callable[[Path], None],
     resume_state: dict[str, Any] | None = None,
     device: torch.device = torch.device("cpu"),
 ) -> Path:
-    """Train `trainable` to minimise `loss_fn` over `dataset`; return the final checkpoint directory."""
+    """Train `trainable` to minimise `loss_fn` over `dataset`; return the final checkpoint directory.
+
+    `save_model(directory)` writes the model into each checkpoint (rank 0), in whichever format the caller keeps.
+    """
     if settings.group_by_length:
         sampler = LengthGroupedBatchSampler(dataset.lengths(), settings.batch_size, settings.seed)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate)
@@ -169,7 +158,7 @@ def train(
             if engine is not None:
                 engine.save_checkpoint(tmp / DEEPSPEED_DIR, exclude_frozen_parameters=True)
             if is_main():
-                save_extra(tmp, plain_state_dict(model))
+                save_model(tmp)
                 state = {"step": step, "history": history, "trainable": _trainable_by_name(model)}
                 if engine is None:
                     state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())

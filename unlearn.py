@@ -14,12 +14,13 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from checkpoints import SAVE_FORMATS, load_any_model, load_plain_weights, save_compact, starting_model_reference
 from dataloader import UnlearnDataset, get_loss, load_idk, load_tofu, retain_split_for, sequence_nll
-from masking import apply_lora, apply_value_vector_mask, base_model
-from models import DTYPES, family_config, load_model, load_tokenizer, resolve_model_path, resolve_precision
+from masking import apply_lora, apply_value_vector_mask, base_model, plain_state_dict
+from models import DTYPES, family_config, load_tokenizer, resolve_model_path, resolve_precision
 from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
-from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, checkpoints, find_final, load_plain_weights,
-                     load_resume_state, restore_trainable, train)
+from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, checkpoints, find_final, load_resume_state,
+                     restore_trainable, train)
 
 log = logging.getLogger("loc_unlearn")
 
@@ -64,7 +65,8 @@ def run_dir(c: dict[str, Any], world_size: int) -> Path:
 
 
 # Keys that change where or how often a run is saved, not what it computes.
-NOT_RESULT_KEYS = {"save_root", "output_dir", "save_checkpoint", "save_steps", "save_each_epoch", "deepspeed"}
+NOT_RESULT_KEYS = {"save_root", "output_dir", "save_checkpoint", "save_steps", "save_each_epoch", "save_format",
+                   "deepspeed"}
 
 
 def check_same_run(out: Path, c: dict[str, Any]) -> None:
@@ -109,6 +111,13 @@ def unlearn(cfg: DictConfig) -> None:
         raise ConfigError(f"mask_path={c['mask_path']} does not exist; expected a mask file from generate_mask.py")
     if spec.resident_ref and c["forget_loss"] == "rt_diff" and not c["retain_model_path"]:
         raise ConfigError("forget_loss=rt_diff needs retain_model_path=<model trained on the retain split>")
+    if c["save_format"] not in (*SAVE_FORMATS, None):
+        raise ConfigError(f"save_format={c['save_format']!r}; expected one of {list(SAVE_FORMATS)} or null (compact "
+                          f"for masked runs, full otherwise)")
+    if c["save_format"] == "compact" and not c["mask_path"]:
+        raise ConfigError("save_format=compact holds the masked values only, so it needs mask_path; LoRA and "
+                          "full-parameter runs save full checkpoints")
+    c["save_format"] = c["save_format"] or ("compact" if c["mask_path"] else "full")
     c["precision"] = resolve_precision(c["precision"], device)
     if c["precision"] != "fp32" and not (c["mask_path"] or c["lora_r"] > 0 or c["deepspeed"]):
         raise ConfigError(f"full-parameter training with precision={c['precision']} and no fp32 master weights loses "
@@ -131,13 +140,15 @@ def unlearn(cfg: DictConfig) -> None:
     log.info("loaded %d %s examples%s from %s", len(dataset), c["forget_split"],
              f" (+ {c['retain_split']})" if retain_rows else "", c["data_path"] or "the hub")
 
-    model = load_model(model_path, device, DTYPES[c["precision"]])
+    model = load_any_model(model_path, device, DTYPES[c["precision"]])
+    # After loading, which fetches a hub model into the local cache the reference then points to.
+    starting = starting_model_reference(model_path) if c["save_format"] == "compact" else None
     for part in spec.cached_ref:
         dataset.ref_nll[part] = reference_nll(model, dataset, part, c["batch_size"], device)
     ref_model = None
     if spec.resident_ref:
         ref_path = c["retain_model_path"] if c["forget_loss"] == "rt_diff" else model_path
-        ref_model = load_model(ref_path, device, DTYPES[c["precision"]]).eval().requires_grad_(False)
+        ref_model = load_any_model(ref_path, device, DTYPES[c["precision"]]).eval().requires_grad_(False)
 
     resume_from = broadcast_resume_point(out)
     resume_state = load_resume_state(resume_from) if resume_from else None
@@ -163,8 +174,11 @@ def unlearn(cfg: DictConfig) -> None:
 
     loss_cfg = {k: c[k] for k in ("hyper_param", "retain_weight", "simnpo_gamma", "seed")}
 
-    def save_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
-        base_model(model).save_pretrained(path, state_dict=state)
+    def save_checkpoint(path: Path) -> None:
+        if starting is not None:
+            save_compact(path, model, starting)
+        else:
+            base_model(model).save_pretrained(path, state_dict=plain_state_dict(model))
         tokenizer.save_pretrained(path)
         (path / "run_config.json").write_text(json.dumps({**c, "resolved_model_path": model_path}, indent=1))
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Evaluate theta_o, the retain model (if only its directory is given) and every checkpoint of the unlearning runs
-# with eval_tofu.py, then score and plot the runs with `aggregate.py runs`. Models whose eval JSON exists (computed
-# against the current retain result) are skipped, so a killed eval.sh simply continues where it stopped.
+# with eval_tofu.py, then score and plot the runs with `aggregate.py runs`. theta_o and the checkpoints go to one
+# evaluator process, which loads theta_o once and swaps in the masked values of compact checkpoints. Models with a
+# current eval JSON (eval_tofu.py decides: same model files, config and evaluator) are not evaluated again, so a
+# killed eval.sh simply continues where it stopped.
 set -euo pipefail
 
 # ---- Defaults: edit here, or set them in the environment (RUNS="run_a run_b"), or pass arguments (see -h). ----
@@ -23,8 +25,9 @@ usage() {
   cat <<EOF
 usage: scripts/eval.sh [options] [RUN_DIR ...]
 
-Evaluates theta_o, the retain model and every unevaluated checkpoint-<step> of each RUN_DIR, then writes
-OUT/runs.json, OUT/runs.csv and the trade-off plots (python aggregate.py runs).
+Evaluates theta_o, the retain model and every unevaluated checkpoint-<step> of each RUN_DIR (theta_o and the
+checkpoints in one evaluator process), then writes OUT/runs.json, OUT/runs.csv and the trade-off plots
+(python aggregate.py runs).
 
   --theta-o DIR        model before unlearning              (THETA_O=$THETA_O)
   --retain-eval JSON   retain model's eval JSON             (RETAIN_EVAL=$RETAIN_EVAL)
@@ -79,44 +82,33 @@ read -r -a aggregate_args <<< "$AGGREGATE_ARGS"
 common=(model_family="$MODEL_FAMILY" forget_split="$FORGET_SPLIT")
 [[ -n $DATA_PATH ]] && common+=(data_path="$DATA_PATH")
 
-# Done when the JSON exists, was computed with the same key=value settings (data, split, EVAL_ARGS) and (if a retain
-# result is given) its forget quality against that file; otherwise eval_tofu.py runs again, which reuses stored
-# per-sample values when only the retain result changed.
-is_done() {  # result retain_result key=value...
-  [[ -f $1 ]] || return 1
-  "$PYTHON" - "$@" <<'EOF'
-import json, os, sys, yaml
-config = json.load(open(sys.argv[1])).get("config", {})
-theirs = config.get("retain_result")
-same_retain = not sys.argv[2] or (theirs and os.path.isfile(theirs) and os.path.samefile(theirs, sys.argv[2]))
-same_args = all(config.get(k) == yaml.safe_load(v) for k, v in (a.split("=", 1) for a in sys.argv[3:]))
-sys.exit(0 if same_retain and same_args else 1)
-EOF
-}
-
-evaluate() {  # $1: model directory, $2: retain result JSON or empty
-  local result="$1/eval_results/eval_$FORGET_SPLIT.json" extra=()
-  if is_done "$result" "$2" "${common[@]}" "${eval_args[@]}"; then echo "== evaluated already: $1"; return; fi
-  echo "== evaluating $1"
-  [[ -n $2 ]] && extra=(retain_result="$2")
-  "${eval_cmd[@]}" "${common[@]}" model_path="$1" "${extra[@]}" "${eval_args[@]}"
-  [[ -f $result ]] || die "the evaluator exited without writing $result (eval.sh expects the default output_dir)"
+evaluate() {  # retain result JSON or empty, then model directories: all of them in one evaluator process
+  local extra=() quoted=() model
+  [[ -n $1 ]] && extra=(retain_result="$1")
+  for model in "${@:2}"; do quoted+=("'${model//\'/\\\'}'"); done  # Hydra list items, quoted
+  echo "== evaluating ${*:2}"
+  "${eval_cmd[@]}" "${common[@]}" "model_path=[$(IFS=,; echo "${quoted[*]}")]" "${extra[@]}" "${eval_args[@]}"
+  for model in "${@:2}"; do
+    [[ -f $model/eval_results/eval_$FORGET_SPLIT.json ]] ||
+      die "the evaluator exited without writing $model/eval_results/eval_$FORGET_SPLIT.json (eval.sh expects the default output_dir)"
+  done
 }
 
 if [[ -z $RETAIN_EVAL ]]; then
-  evaluate "$RETAIN_MODEL" ""
+  evaluate "" "$RETAIN_MODEL"
   RETAIN_EVAL="$RETAIN_MODEL/eval_results/eval_$FORGET_SPLIT.json"
 fi
 [[ -f $RETAIN_EVAL ]] || die "retain eval $RETAIN_EVAL does not exist"
-RETAIN_EVAL=$(realpath "$RETAIN_EVAL")  # stored in each eval's config, so is_done can recognise it from any cwd
+RETAIN_EVAL=$(realpath "$RETAIN_EVAL")  # stored in each eval's config: absolute, it names the file from any cwd
 
-evaluate "$THETA_O" "$RETAIN_EVAL"
+models=("$THETA_O")
 for run in "${RUNS[@]}"; do
   [[ -d $run ]] || die "run directory $run does not exist"
   for ckpt in "$run"/checkpoint-*; do
-    if [[ -d $ckpt && $(basename "$ckpt") =~ ^checkpoint-[0-9]+$ ]]; then evaluate "$ckpt" "$RETAIN_EVAL"; fi
+    if [[ -d $ckpt && $(basename "$ckpt") =~ ^checkpoint-[0-9]+$ ]]; then models+=("$ckpt"); fi
   done
 done
+evaluate "$RETAIN_EVAL" "${models[@]}"
 
 "$PYTHON" "$ROOT/aggregate.py" runs --theta-o "$THETA_O" --retain-eval "$RETAIN_EVAL" --forget-split "$FORGET_SPLIT" \
   --out "$OUT" "${RUNS[@]}" "${aggregate_args[@]}"

@@ -248,32 +248,31 @@ def test_injection_cli_compares_each_theta_o_with_theta_r(tmp_path, capsys):
         A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, str(tmp_path / "forget_only")])
 
 
-# A stand-in for eval_tofu.py: logs the model it is asked for and writes the summary the test left in the model's
-# directory, with the config fields eval.sh and aggregate.py read.
+# A stand-in for eval_tofu.py: logs each call's models (one line per process) and writes the summary the test left in
+# each model's directory, with the config fields eval.sh and aggregate.py read.
 STUB = """
-import json, os, sys
+import ast, json, os, sys
 args = dict(a.split("=", 1) for a in sys.argv[1:])
-model = args["model_path"]
+models = ast.literal_eval(args.pop("model_path"))
 with open(os.environ["STUB_LOG"], "a") as f:
-    f.write(os.path.basename(model) + "\\n")
-out = os.path.join(model, "eval_results", "eval_" + args["forget_split"] + ".json")
-os.makedirs(os.path.dirname(out), exist_ok=True)
-with open(os.path.join(model, "fake_summary.json")) as f:
-    summary = json.load(f)
-with open(out, "w") as f:
-    json.dump({"config": args, "per_sample": {}, "summary": summary}, f)
+    f.write(" ".join(sorted(os.path.basename(m) for m in models)) + "\\n")
+for model in models:
+    out = os.path.join(model, "eval_results", "eval_" + args["forget_split"] + ".json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(os.path.join(model, "fake_summary.json")) as f:
+        summary = json.load(f)
+    with open(out, "w") as f:
+        json.dump({"config": {**args, "model_path": model}, "per_sample": {}, "summary": summary}, f)
 """
 
 
-def test_eval_sh_evaluates_only_missing_checkpoints_and_resumes(tmp_path):
-    retain, theta_o, run = tmp_path / "retain", tmp_path / "theta_o", tmp_path / "run"
+def test_eval_sh_evaluates_theta_o_and_every_checkpoint_in_one_process(tmp_path):
+    retain, theta_o, run = tmp_path / "retain", tmp_path / "theta o's", tmp_path / "run"  # quoted for Hydra
     for label, rs, fs, mu, fq in POINTS + [("retain", 0.5, 0.9, 0.59, None)]:
         model = {"theta_o": theta_o, "retain": retain}.get(label, run / label)
         model.mkdir(parents=True)
         (model / "fake_summary.json").write_text(json.dumps(summary(rs, fs, mu, fq)))
     retain_eval = str(A.eval_path(retain, SPLIT).resolve())
-    write_eval(run / "checkpoint-5", summary(0.8, 0.5, 0.58, -5.0), retain_result=retain_eval)  # done already
-    write_eval(run / "checkpoint-9", summary(0.5, 0.7, 0.56, None))  # evaluated before the retain result existed
     (tmp_path / "stub.py").write_text(STUB)
     log = tmp_path / "calls.log"
     env = {**os.environ, "PYTHON": sys.executable, "EVAL_CMD": f"{sys.executable} {tmp_path / 'stub.py'}",
@@ -283,21 +282,16 @@ def test_eval_sh_evaluates_only_missing_checkpoints_and_resumes(tmp_path):
             "--out", str(out), str(run)]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert sorted(log.read_text().split()) == ["checkpoint-10", "checkpoint-9", "retain", "theta_o"]
+    assert log.read_text().splitlines() == ["retain", "checkpoint-10 checkpoint-5 checkpoint-9 theta o's"]
     assert json.loads(A.eval_path(run / "checkpoint-9", SPLIT).read_text())["config"]["retain_result"] == retain_eval
     (record,) = json.loads((out / "runs.json").read_text())["runs"]
     assert (record["aues"], record["mu95"], record["chosen_checkpoint"]) == (pytest.approx(0.56), -5.0, "checkpoint-5")
     assert (out / A.MU_FQ_PLOT).is_file() and "| run | 0.560 |" in done.stdout
 
-    # Again, configured from the environment: everything is evaluated, so only the aggregation runs.
-    env.update(RUNS=str(run), THETA_O=str(theta_o), RETAIN_EVAL=retain_eval, OUT=str(out))
+    # Again, configured from the environment, with other evaluation settings: one evaluator process for theta_o and
+    # the checkpoints (eval_tofu.py decides which stored results are current), the settings passed on.
+    env.update(RUNS=str(run), THETA_O=str(theta_o), RETAIN_EVAL=retain_eval, OUT=str(out), EVAL_ARGS="max_samples=100")
     again = subprocess.run([str(ROOT / "scripts" / "eval.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
-    assert len(log.read_text().split()) == 4
-    assert again.stdout.count("evaluated already") == 4
-
-    # Other evaluation settings make the stored results stale: everything but the retain result is redone.
-    env.update(EVAL_ARGS="max_samples=100")
-    other = subprocess.run([str(ROOT / "scripts" / "eval.sh")], env=env, capture_output=True, text=True, timeout=120)
-    assert other.returncode == 0, other.stderr
-    assert sorted(log.read_text().split()[4:]) == ["checkpoint-10", "checkpoint-5", "checkpoint-9", "theta_o"]
+    assert log.read_text().splitlines()[2:] == ["checkpoint-10 checkpoint-5 checkpoint-9 theta o's"]
+    assert json.loads(A.eval_path(theta_o, SPLIT).read_text())["config"]["max_samples"] == "100"

@@ -114,3 +114,20 @@ def test_gpu_check_tiny_runs_every_check_on_the_cpu():
     assert full["bf16"] and full["zero_stage"] == 2
     evaluation = next(r for r in results if r["check"] == "evaluation")
     assert evaluation["generations"] == evaluation["scored_sequences"]
+
+
+def test_bench_checkpoints_prints_the_disk_ratio(tiny_path):
+    proc = run_script("bench/bench_checkpoints.py", "--model_family", "tiny", "--epochs", "1", timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exported compact checkpoint equals the full one: yes" in proc.stdout
+    ratio = re.search(r"^disk ratio compact/full: ([\d.]+) \(goal <= 0\.15: met\)$", proc.stdout, re.M)
+    assert ratio and float(ratio.group(1)) <= 0.15  # deterministic: 10% of the value vectors against the model
+
+
+def test_bench_trajectory_prints_the_speed_up_and_agreement(tiny_path):
+    proc = run_script("bench/bench_trajectory.py", "--data_path", "synthetic", "--checkpoints", "1", "--eval_args",
+                      "max_samples=2 max_new_tokens=2 splits=[forget,retain]", timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^per-sample values: max \|difference\| 0 \(goal <= 1e-06: met\)$", proc.stdout, re.M)
+    assert re.search(r"^speed-up one process / one process per model: [\d.]+x \(goal >= 2\.0: (met|NOT met)\)$",
+                     proc.stdout, re.M)

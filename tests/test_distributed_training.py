@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from checkpoints import compact_meta, load_any_model
 from conftest import ROOT, run_script
 
 DS_CONFIG = str(ROOT / "config" / "ds_config.json")
@@ -80,7 +81,11 @@ def _final(run: Path) -> Path:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(_final(run) / "model.safetensors"))
+    """The final weights as saved: a full checkpoint's file, or a masked run's compact one applied to its start."""
+    final = _final(run)
+    if compact_meta(final) is not None:
+        return load_any_model(str(final), torch.device("cpu")).state_dict()
+    return load_file(str(final / "model.safetensors"))
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -145,6 +150,7 @@ def test_deepspeed_keeps_the_mask_and_writes_only_its_own_state(uneven_runs, tin
     assert [p.name for p in checkpoints] == ["checkpoint-2", "checkpoint-3", "checkpoint-4", "checkpoint-6"]
     # Optimizer state (DeepSpeed's partitions, no torch state dict posing as a full one) only in the newest.
     assert [p.name for p in checkpoints if (p / "deepspeed").exists()] == ["checkpoint-6"]
+    assert all(compact_meta(p) is not None and not (p / "model.safetensors").exists() for p in checkpoints)
     state = torch.load(checkpoints[-1] / "trainer_state.pt", weights_only=True)
     assert "optimizer" not in state and set(state["trainable"]) == {
         f"model.layers.{i}.mlp.down_proj.masked_values" for i in (0, 1)}

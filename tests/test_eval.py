@@ -365,7 +365,8 @@ def _restore_logging():
 def run_eval(*overrides: str) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
         cfg = compose("eval_tofu", overrides=list(overrides))
-    return json.loads(evaluate(cfg).read_text())
+    (out,) = evaluate(cfg)
+    return json.loads(out.read_text())
 
 
 def run_torchrun(*args: str, nproc: int) -> None:

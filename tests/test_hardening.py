@@ -76,6 +76,8 @@ def test_bad_mask_files(base, tmp_path, capsys, kind, message):
     ("save_root=/etc/hostname/runs", "/etc/hostname is not a directory"),
     ("deepspeed=missing.json", "deepspeed=missing.json does not exist"),
     ("forget_loss=rt_diff", "needs retain_model_path"),
+    ("save_format=zip", "save_format='zip'; expected one of ['compact', 'full'] or null"),
+    ("save_format=compact", "save_format=compact holds the masked values only, so it needs mask_path"),
 ])
 def test_bad_unlearn_config(base, tmp_path, capsys, override, message):
     code, line = _run(unlearn.unlearn, "forget_tofu", [*base, override], capsys)

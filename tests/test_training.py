@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from checkpoints import load_any_model
 from conftest import ROOT, run_script
 from dataloader import UnlearnDataset, get_loss, load_tofu
 from masking import apply_value_vector_mask, plain_state_dict
@@ -32,9 +32,13 @@ def _dataset(tiny_path, parts=("forget",)):
                                ["I don't know."], tok, family_config("tiny"), 64, parts, seed=0)
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
+def _final(run: Path) -> Path:
     (ckpt,) = [p for p in run.glob("checkpoint-*") if json.loads((p / "trainer_state.json").read_text())["final"]]
-    return load_file(str(ckpt / "model.safetensors"))
+    return ckpt
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_any_model(str(_final(run)), torch.device("cpu")).state_dict()
 
 
 def test_a_few_fine_tuning_steps_lower_the_loss(tiny_path, tmp_path):
@@ -44,7 +48,7 @@ def test_a_few_fine_tuning_steps_lower_the_loss(tiny_path, tmp_path):
     batch = data.collate([data[i] for i in range(len(data))])
     with torch.no_grad():
         before = learn(model, batch, None, {}).item()
-    saved = lambda path, state: model.save_pretrained(path, state_dict=state)  # noqa: E731
+    saved = lambda path: model.save_pretrained(path, state_dict=plain_state_dict(model))  # noqa: E731
     train(model, list(model.parameters()), data, lambda m, b: learn(m, b, None, {}),
           TrainSettings(**{**SETTINGS, "epochs": 3}), tmp_path, saved)
     with torch.no_grad():
@@ -65,7 +69,7 @@ def test_length_grouped_epochs_cover_every_example_once_with_less_padding(tiny_p
             return get_loss("learn")(m, b, None, {})
 
         settings = TrainSettings(**{**SETTINGS, "epochs": 2, "batch_size": 4, "lr": 0.0, "group_by_length": grouped})
-        train(model, list(model.parameters()), data, record, settings, tmp_path / str(grouped), lambda p, s: None)
+        train(model, list(model.parameters()), data, record, settings, tmp_path / str(grouped), lambda path: None)
         assert len(batches) == settings.steps_per_epoch(len(data)) * 2
         for epoch in (batches[: len(batches) // 2], batches[len(batches) // 2:]):
             assert sorted(i for b in epoch for i in b) == list(range(len(data)))
@@ -127,7 +131,7 @@ def test_mask_locality_and_optimizer_state(tiny_path, tmp_path):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5 * model.config.hidden_size
     spec = get_loss("grad_diff")
     train(model, trainable, data, lambda m, b: spec(m, b, None, {"hyper_param": 1.0}), TrainSettings(**SETTINGS),
-          tmp_path, lambda path, state: None)
+          tmp_path, lambda path: None)
     after = plain_state_dict(model)
     assert set(after) == set(before)
     for name, value in after.items():
@@ -149,10 +153,19 @@ def _unlearn_args(tiny_path: Path, save_root: Path, *extra: str) -> list[str]:
             "forget_loss=grad_diff", "epochs=2", "batch_size=4", "save_steps=3", f"save_root={save_root}", *extra]
 
 
-def test_resume_after_sigkill_gives_the_same_weights(tiny_path, tmp_path):
-    reference = run_script(*_unlearn_args(tiny_path, tmp_path / "ref"))
+@pytest.mark.parametrize("masked", [False, True])
+def test_resume_after_sigkill_gives_the_same_weights(tiny_path, tmp_path, masked):
+    """Also for a masked run's compact checkpoints, which resume from the starting model and the saved values."""
+    extra = []
+    if masked:
+        from mask_generator import save_mask
+
+        save_mask(tmp_path / "mask.pt", [torch.arange(0, 512, 7), torch.arange(3, 512, 5)],
+                  {"method": "hand", "n_layers": 2, "d_ff": 512})
+        extra = [f"mask_path={tmp_path / 'mask.pt'}", "lr=1e-2"]
+    reference = run_script(*_unlearn_args(tiny_path, tmp_path / "ref", *extra))
     assert reference.returncode == 0, reference.stderr
-    args = _unlearn_args(tiny_path, tmp_path / "killed")
+    args = _unlearn_args(tiny_path, tmp_path / "killed", *extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -172,6 +185,9 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny_path, tmp_path):
     (run,) = {p.parent.parent for p in run_root.rglob("trainer_state.json")}
     ref_w, w = _weights(ref_run), _weights(run)
     assert ref_w.keys() == w.keys() and all(torch.equal(ref_w[k], w[k]) for k in w)
+    saved = {p.name for p in _final(run).iterdir()}
+    assert {"tokenizer.json", "run_config.json", "trainer_state.json"} <= saved
+    assert ("compact.json" in saved) == masked and ("model.safetensors" in saved) != masked
     again = run_script(*args)
     assert "run already complete" in again.stdout
 
@@ -209,7 +225,7 @@ def test_lora_checkpoint_is_a_plain_merged_model(tiny_path, tmp_path):
     learn = get_loss("learn")
     # LoRA's B starts at zero, so one step cannot move the merged weights: train a few.
     train(peft_model, trainable, data, lambda m, b: learn(m, b, None, {}), TrainSettings(**{**SETTINGS, "epochs": 2}),
-          tmp_path, lambda path, state: None)
+          tmp_path, lambda path: None)
     merged = plain_state_dict(peft_model)
     assert set(merged) == set(before)
     for name, value in merged.items():
@@ -268,7 +284,7 @@ def _train_at_small_lr(tiny_path, tmp_path, dtype: torch.dtype, kind: str):
     before = [p.detach().clone() for p in trainable]
     ga = get_loss("ga")
     settings = TrainSettings(**{**SETTINGS, "lr": 1e-5, "weight_decay": 0.0, "epochs": 16, "batch_size": 40})
-    train(model, trainable, data, lambda m, b: ga(m, b, None, {}), settings, tmp_path, lambda path, state: None)
+    train(model, trainable, data, lambda m, b: ga(m, b, None, {}), settings, tmp_path, lambda path: None)
     return before, trainable, model
 
 
@@ -294,7 +310,8 @@ def test_bf16_training_keeps_fp32_masters_and_saves_in_bf16(tiny_path, tmp_path,
 
 def test_bf16_masked_run_resumes_from_its_fp32_masters(tiny_path, tmp_path):
     """Resuming restores the masked values from the trainer state, not from their bf16-rounded columns."""
-    from trainer import load_plain_weights, load_resume_state, restore_trainable, resumable_checkpoint
+    from checkpoints import load_plain_weights
+    from trainer import load_resume_state, restore_trainable, resumable_checkpoint
 
     tok, data = _dataset(tiny_path)
     spec = get_loss("ga")
@@ -320,7 +337,7 @@ def test_bf16_masked_run_resumes_from_its_fp32_masters(tiny_path, tmp_path):
             return spec(m, b, None, {})
 
         train(model, trainable, data, loss_fn, settings, out,
-              lambda path, weights: model.save_pretrained(path, state_dict=weights), state)
+              lambda path: model.save_pretrained(path, state_dict=plain_state_dict(model)), state)
         return [p.detach().clone() for p in trainable]
 
     reference = run(tmp_path / "ref")
