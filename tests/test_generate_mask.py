@@ -99,9 +99,9 @@ def test_shape_only_masks_load_no_weights(tiny_path, tmp_path, monkeypatch, extr
     save_mask(target, [torch.tensor([0, 1]), torch.tensor([2])], {"n_layers": 2, "d_ff": 512})
 
     def refuse(*args, **kwargs):
-        raise AssertionError("load_model called for a shape-only mask")
+        raise AssertionError("model weights loaded for a shape-only mask")
 
-    monkeypatch.setattr(generate_mask, "load_model", refuse)
+    monkeypatch.setattr(generate_mask, "load_any_model", refuse)
     cfg = OmegaConf.load(Path(generate_mask.__file__).parent / "config" / "get_mask_tofu.yaml")
     del cfg["hydra"], cfg["defaults"]
     overrides = [a.replace("TARGET", str(target)) for a in (*_args(tiny_path, tmp_path / "m")[1:], "attribution=random_down", *extra)]
