@@ -189,14 +189,7 @@ def plot_runs(records: Sequence[dict[str, Any]], retain_summary: dict[str, Any],
             ax.plot(rx, ry, "rD", ms=8, zorder=5, label="retain model")
         elif rx is not None:
             ax.axvline(rx, color="red", ls=":", label=f"retain model's {xlabel}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=150)
-        plt.close(fig)
+        _save_plot(fig, ax, xlabel, ylabel, out / name)
 
 
 def plot_privleak(records: Sequence[dict[str, Any]], out: Path) -> None:
@@ -217,12 +210,18 @@ def plot_privleak(records: Sequence[dict[str, Any]], out: Path) -> None:
     theta_o = records[0]["trajectory"][0]
     ax.plot(theta_o["rs"], theta_o["privleak"], "k*", ms=14, zorder=5, label="θ_o")
     ax.axhline(0.0, color="red", ls=":", label="retain model (0 by definition)")
-    ax.set_xlabel("Retain Strength (RS)")
-    ax.set_ylabel("privleak (%)")
+    _save_plot(fig, ax, "Retain Strength (RS)", "privleak (%)", out / PRIVLEAK_PLOT)
+
+
+def _save_plot(fig, ax, xlabel: str, ylabel: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(out / PRIVLEAK_PLOT) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
     plt.close(fig)
 

@@ -1,6 +1,7 @@
 """Shared fixtures: the real TOFU directory (when present beside the repo) and a tiny model on synthetic data."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -40,3 +41,13 @@ def run_script(*args: str, nproc: int = 1, cwd: Path = ROOT, timeout: int = 600)
     else:
         cmd = [sys.executable, *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The entry points point the root logger at the captured stdout of the test that ran them; put it back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -3,7 +3,6 @@ evaluated in one process with the same numbers as one process per checkpoint."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -132,16 +131,6 @@ def test_generate_mask_scores_a_compact_checkpoint_as_its_export(theta_o, tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(from_compact, _activation_mask(exported, tmp_path / "masks_full")))
     # Not the starting model's mask: the checkpoint's values were used.
     assert not all(torch.equal(a, b) for a, b in zip(from_compact, _activation_mask(theta_o, tmp_path / "masks_o")))
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """evaluate() points the root logger at the captured stdout; put the old handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _evaluate(*overrides: str) -> list[dict]:

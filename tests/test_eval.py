@@ -4,7 +4,6 @@ torchrun)."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -351,16 +350,6 @@ def test_left_padded_batched_generation_equals_unbatched(tiny):
 
 
 # ---- eval_tofu.py ----
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """evaluate() points the root logger at this test's captured stdout; put the old handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
 
 def run_eval(*overrides: str) -> dict:
     with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
