@@ -52,16 +52,17 @@ def absolute_paths(c: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_dir(c: dict[str, Any], world_size: int) -> Path:
-    """`output_dir` if given, else the original suite's layout; a run from a checkpoint nests under it."""
+    """`output_dir` if given, else the original suite's layout under `save_root`; with save_root left null, a run
+    from a checkpoint nests under it (else under the working directory)."""
     if c["output_dir"]:
         return Path(c["output_dir"])
     masked = Path(c["mask_path"]).stem if c["mask_path"] else "False"
     effective_bs = c["batch_size"] * c["grad_accum"] * world_size
     leaf = Path(c["forget_split"], c["forget_loss"], f"lora_r{c['lora_r']}", f"masked_{masked}",
                 f"lr_{c['lr']}_wd_{c['weight_decay']}_ep_{c['epochs']}_bs_{effective_bs}")
-    if c["model_path"] and Path(c["model_path"]).name.startswith("checkpoint-"):
+    if c["save_root"] is None and c["model_path"] and Path(c["model_path"]).name.startswith("checkpoint-"):
         return Path(c["model_path"]) / leaf
-    return Path(c["save_root"], c["model_family"], "TOFU", "default") / leaf
+    return Path(c["save_root"] or ".", c["model_family"], "TOFU", "default") / leaf
 
 
 # Keys that change where or how often a run is saved, not what it computes.
