@@ -338,22 +338,28 @@ def token_nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
     return nll, mask
 
 
-def token_nll(model: nn.Module, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token answer NLL (B, T-1) of `model` on `part`, zero off-answer, and the answer mask.
+def answer_logits(model: nn.Module, part: Part) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fp32 logits (N, V) at the N positions that predict an answer token (row-major order), their targets (N,),
+    and the answer mask (B, T-1): the one answer-position scorer of training, attribution and evaluation.
 
-    For Hugging Face causal LMs the head is applied to the answer positions only: the loss never needs the
-    (B, T, V) logits of prompt and padding positions, which are most of a step's memory at a 128k vocabulary
-    and ~40% of the tiny model's step time. Models without a separable decoder/head (the tests'
-    table-lookup stubs) go through their full logits.
+    For Hugging Face causal LMs the head is applied to the answer positions only: nothing needs the (B, T, V) logits
+    of prompt and padding positions, which are most of a step's memory at a 128k vocabulary and ~40% of the tiny
+    model's step time. Models without a separable decoder/head (the tests' table-lookup stubs) go through their
+    full logits.
     """
-    if not (hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")):
-        return token_nll_from_logits(_forward(model, part).logits, part["labels"])
     targets = part["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
+    if not (hasattr(model, "get_decoder") and hasattr(model, "get_output_embeddings")):
+        return _forward(model, part).logits[:, :-1][mask].float(), targets[mask], mask
     hidden = model.get_decoder()(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
                                  use_cache=False).last_hidden_state[:, :-1]
-    logits = model.get_output_embeddings()(hidden[mask]).float()
-    answer_nll = F.cross_entropy(logits, targets[mask], reduction="none")
+    return model.get_output_embeddings()(hidden[mask]).float(), targets[mask], mask
+
+
+def token_nll(model: nn.Module, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token answer NLL (B, T-1) of `model` on `part`, zero off-answer, and the answer mask."""
+    logits, targets, mask = answer_logits(model, part)
+    answer_nll = F.cross_entropy(logits, targets, reduction="none")
     return torch.zeros(mask.shape, dtype=answer_nll.dtype, device=mask.device).masked_scatter(mask, answer_nll), mask
 
 

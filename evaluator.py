@@ -9,7 +9,6 @@ computed in the same padded batch whatever the number of processes: 1 and N proc
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 import metrics as M
-from dataloader import IGNORE_INDEX, encode_qa, pad_batch
+from dataloader import IGNORE_INDEX, answer_logits, encode_qa, pad_batch
 from runtime import is_main, rank, world_size
 
 log = logging.getLogger("loc_unlearn")
@@ -107,10 +106,6 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def _log_prob_moments(shifted: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean mu and variance var of log p under the next-token distribution p = softmax, for the rows `index` (not
     empty) of logits shifted by their row maximum (s = logit - max <= 0).
@@ -145,25 +140,14 @@ def score_answers(model: torch.nn.Module, encodings: Sequence[dict[str, list[int
     device = _device(model)
     model.eval()
 
-    keeps_logits = _accepts_logits_to_keep(model)
     token_stats = frozenset(token_stats)
 
     def run(idx: list[int]) -> list[tuple[float, int, float | None, TokenStats | None]]:
         # Right padding sits after every scored position and causal attention never looks ahead, so the pad id
         # is irrelevant: 0 exists in every vocabulary.
-        batch = pad_batch([encodings[i] for i in idx], pad_id=0)
-        labels = batch["labels"][:, 1:].to(device)
-        answer = labels != IGNORE_INDEX
-        # Logits are needed only at the positions that predict an answer token; HF models project just those rows
-        # onto the vocabulary (a boolean logits_to_keep), in row-major order like answer.nonzero().
-        keep = torch.nn.functional.pad(answer, (0, 1))
-        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-        if keeps_logits:
-            picked = model(**inputs, logits_to_keep=keep).logits
-        else:
-            picked = model(**inputs).logits[keep]
-        picked = picked.float()
-        targets = labels[answer]
+        batch = {k: v.to(device) for k, v in pad_batch([encodings[i] for i in idx], pad_id=0).items()}
+        # Logits only at the positions that predict an answer token, in row-major order like answer.nonzero().
+        picked, targets, answer = answer_logits(model, batch)
         best = picked.amax(-1)
         target_logit = picked.gather(-1, targets[:, None]).squeeze(-1)
         rows = answer.nonzero()[:, 0]

@@ -77,7 +77,8 @@ class BigramStub(torch.nn.Module):
             probs[ID[word]] = torch.tensor(row, dtype=torch.float64)
         self.log_probs = torch.nn.Parameter(probs.log().float(), requires_grad=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                use_cache: bool = False) -> SimpleNamespace:
         return SimpleNamespace(logits=self.log_probs[input_ids])
 
 
