@@ -492,21 +492,32 @@ def _memflex_vocab(model: nn.Module, cfg: Mapping[str, Any]) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
-def _memflex_loss_terms(cfg: Mapping[str, Any], vocab: int):
+MEMFLEX_MICRO_BATCH = 2  # examples per backward: at batch 8, 2 held the wide bench under half the reference's peak
+
+
+def _memflex_loss_terms(cfg: Mapping[str, Any], vocab: int) -> LossTerms:
     seed = _cfg_int(cfg, "seed", 0)
     copies = _cfg_int(cfg, "memflex_copies", 3)
     if copies < 1:
         raise ValueError(f"cfg['memflex_copies'] must be >= 1, got {copies}")
+    micro = _cfg_int(cfg, "memflex_micro_batch", MEMFLEX_MICRO_BATCH)
+    if micro < 1:
+        raise ValueError(f"cfg['memflex_micro_batch'] must be >= 1, got {micro}")
     corrupt_inputs = bool(cfg.get("memflex_corrupt_inputs", True))
 
-    def loss_terms(model, batch):
-        for c in range(copies):  # one term per copy: _grad_sum frees each copy's graph before building the next
+    def loss_terms(model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for c in range(copies):
             cb = corrupt_answers(batch, vocab, seed, c, corrupt_inputs)
-            nll, valid = token_nll(model, cb)
-            n = valid.sum(dim=1)
-            has = n > 0
-            per_example = nll.sum(dim=1)[has] / n[has]  # token-mean NLL of each example
-            yield per_example.sum(), has.sum().double()
+            # One term per micro-batch of each copy: _grad_sum frees each term's graph before building the next, so
+            # only `micro` examples' activations are alive at a time.  The loss is a sum of per-example terms (and
+            # the corruption is per example), so the split changes the sums by float rounding only.
+            for start in range(0, cb["input_ids"].shape[0], micro):
+                part = {key: t[start:start + micro] for key, t in cb.items()}
+                nll, valid = token_nll(model, part)
+                n = valid.sum(dim=1)
+                has = n > 0
+                per_example = nll.sum(dim=1)[has] / n[has]  # token-mean NLL of each example
+                yield per_example.sum(), has.sum().double()
 
     return loss_terms
 
@@ -519,19 +530,32 @@ def _memflex_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
     return {"grad_f": gf, "n_f": nf, "grad_r": gr, "n_r": nr}
 
 
+_FINALIZE_BLOCK_BYTES = 8 << 20  # float64 bytes of one block of value vectors in memflex's finalize
+
+
 def _memflex_stats_from(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
     for key in ("n_f", "n_r"):
         if stats[key].item() == 0:
             raise ValueError(f"memflex_down: no example with an answer token in the {'forget' if key == 'n_f' else 'retain'} set")
+    n_layers, d_model, d_ff = stats["grad_f"].shape
+    # Every statistic is per value vector (column), so the float64 copies are made a block of columns at a time:
+    # the temporaries stay at a few times _FINALIZE_BLOCK_BYTES instead of several layers' worth, which was the
+    # method's peak memory (the float32 sums are all that must be held whole).
+    width = max(1, _FINALIZE_BLOCK_BYTES // (d_model * 8))
     cosines, mean_abs = [], []
-    for layer in range(stats["grad_f"].shape[0]):  # per layer: float64 copies of one layer, not of the model
-        gf = stats["grad_f"][layer].double() / stats["n_f"]
-        gr = stats["grad_r"][layer].double() / stats["n_r"]
-        # norms first, then the product in place of gf: no third layer-sized temporary
-        mean_abs.append(torch.linalg.vector_norm(gf, 1, dim=0) / gf.shape[0])
-        denom = torch.linalg.vector_norm(gf, dim=0) * torch.linalg.vector_norm(gr, dim=0)
-        dot = gf.mul_(gr).sum(dim=0)
-        cosines.append(torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dot)))
+    for layer in range(n_layers):
+        layer_cos, layer_mag = [], []
+        for first in range(0, d_ff, width):
+            cols = slice(first, first + width)
+            gf = stats["grad_f"][layer, :, cols].double().div_(stats["n_f"])
+            gr = stats["grad_r"][layer, :, cols].double().div_(stats["n_r"])
+            layer_mag.append(torch.linalg.vector_norm(gf, 1, dim=0) / d_model)
+            denom = torch.linalg.vector_norm(gf, dim=0) * torch.linalg.vector_norm(gr, dim=0)
+            dot = gf.mul_(gr).sum(dim=0)  # after the norms, in place of gf: no third block-sized temporary
+            layer_cos.append(torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny),
+                                         torch.zeros_like(dot)))
+        cosines.append(torch.cat(layer_cos))
+        mean_abs.append(torch.cat(layer_mag))
     return torch.stack(cosines).cpu(), torch.stack(mean_abs).cpu()
 
 
@@ -591,6 +615,52 @@ def _start_at_layer(model: nn.Module, start: int, hidden: torch.Tensor, copies: 
         handle.remove()
 
 
+class _Replay(nn.Module):
+    """Stands in for a module whose output the alpha scaling cannot change: returns the clean pass's output."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+class _DownProjOnly(nn.Module):
+    """Stands in for an MLP whose activation (gate_proj, up_proj, act_fn) the alpha scaling cannot change: runs
+    only down_proj, on the clean pass's activation (which down_proj's pre-hooks then see as usual)."""
+
+    def __init__(self, down_proj: nn.Module, activation: torch.Tensor) -> None:
+        super().__init__()
+        self.down_proj = down_proj
+        self.activation = activation
+
+    def forward(self, _x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation)
+
+
+@contextlib.contextmanager
+def _replay_up_to_down_proj(layer: nn.Module, attn_output: torch.Tensor | None, activation: torch.Tensor,
+                            copies: int) -> Iterator[None]:
+    """Passes through decoder ``layer`` take its attention output and MLP activation from the clean pass (both
+    repeated ``copies`` times along the batch) instead of computing them.
+
+    Valid for the lowest layer of a pass: its input is the clean one, so everything up to its down_proj input
+    is too.  The layer's own code (norms, residual sums) still runs, so any Llama/OLMo-2 layer layout works."""
+    swaps: dict[str, nn.Module] = {"mlp": _DownProjOnly(layer.mlp.down_proj, activation.repeat(copies, 1, 1))}
+    if attn_output is not None:
+        # HF attention modules return (hidden states, attention weights); the layers discard the weights
+        swaps["self_attn"] = _Replay((attn_output.repeat(copies, 1, 1), None))
+    originals = {name: getattr(layer, name) for name in swaps}
+    for name, module in swaps.items():
+        setattr(layer, name, module)
+    try:
+        yield
+    finally:
+        for name, module in originals.items():
+            setattr(layer, name, module)
+
+
 IG_ALPHA_BATCH = 5  # alpha steps per pass: on CPU 5 x the batch beat both 1 and all 20 (docs/BENCHMARKS.md)
 
 
@@ -604,7 +674,8 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
     mode "layer": one layer scaled at a time (others untouched) -> sum over a layer ~ F(1) - F(layer zeroed).
     mode "all": all layers scaled together (one path) -> sum over all layers ~ F(1) - F(all zeroed).
     ``alpha_batch`` alpha steps run as one forward+backward over that many copies of the batch (fewer: less
-    memory); the layers below the scaled one run once per batch, not per step."""
+    memory); the layers below the scaled one run once per batch, not per step, and so do the attention and
+    gate/up projections of the lowest scaled layer (only its down_proj and the layers above see alpha)."""
     if steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {steps}")
     if mode not in ("layer", "all"):
@@ -625,6 +696,7 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
     with _scoring_scope(model):
         acts: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
         inputs: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+        attn_outputs: list[torch.Tensor | None] = [None] * n_layers
 
         def capture(store: list[torch.Tensor], layer: int):
             def hook(_module, args, kwargs):
@@ -632,8 +704,16 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
 
             return hook
 
+        def capture_attn(layer: int):
+            def hook(_module, _args, output):
+                attn_outputs[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
+            return hook
+
         handles = [m.register_forward_pre_hook(capture(store, i), with_kwargs=True)
                    for store, modules in ((acts, downs), (inputs, layers)) for i, m in enumerate(modules)]
+        handles += [layer.self_attn.register_forward_hook(capture_attn(i))
+                    for i, layer in enumerate(layers) if hasattr(layer, "self_attn")]
         try:
             with torch.no_grad():
                 token_nll(model, b)
@@ -667,7 +747,8 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
                     return hook
 
                 start = group[0]
-                with torch.enable_grad(), _pre_hooks(downs, scale), _start_at_layer(model, start, inputs[start], r):
+                with (torch.enable_grad(), _pre_hooks(downs, scale), _start_at_layer(model, start, inputs[start], r),
+                      _replay_up_to_down_proj(layers[start], attn_outputs[start], acts[start], r)):
                     nll, _ = token_nll(model, copies)
                     grads = torch.autograd.grad(-nll.sum(), [scaled[layer] for layer in group])
                 for layer, g in zip(group, grads):

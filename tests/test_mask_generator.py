@@ -286,6 +286,27 @@ def test_memflex_statistics_match_direct(model):
         assert mag[l, i].item() == pytest.approx(gf[l][:, i].abs().mean().item(), rel=1e-4)
 
 
+def test_memflex_micro_batches_and_column_blocks_leave_the_statistics_unchanged(model, monkeypatch):
+    """Each copy is backpropagated micro-batch by micro-batch (the decoder never sees more examples than that at
+    once), and finalize works on blocks of value vectors; neither changes the statistics beyond float rounding."""
+    cfg = {"seed": 11, "memflex_copies": 2}
+    whole = mg.memflex_statistics(model, FORGET, RETAIN, {**cfg, "memflex_micro_batch": 64})
+    sizes = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    try:
+        singles = mg.memflex_statistics(model, FORGET, RETAIN, {**cfg, "memflex_micro_batch": 1})
+    finally:
+        handle.remove()
+    assert set(sizes) == {1} and len(sizes) == 2 * sum(b["input_ids"].shape[0] for b in FORGET + RETAIN)
+    monkeypatch.setattr(mg, "_FINALIZE_BLOCK_BYTES", 5 * D_MODEL * 8)  # 5 value vectors a block: 24 = 4 x 5 + 4
+    blocks = mg.memflex_statistics(model, FORGET, RETAIN, {**cfg, "memflex_micro_batch": 64})
+    for got in (singles, blocks):
+        for a, b in zip(got, whole):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="memflex_micro_batch"):
+        mg.memflex_statistics(model, FORGET, RETAIN, {**cfg, "memflex_micro_batch": 0})
+
+
 def test_memflex_budget_and_threshold_rules(model):
     cosine, mag = mg.memflex_statistics(model, FORGET, RETAIN, {"seed": 1, "memflex_copies": 1})
     mu = float(cosine.median())  # a threshold that splits this tiny model's vectors
@@ -524,6 +545,36 @@ def test_ig_runs_lower_layers_once_per_batch(model, alpha_batch):
     assert torch.allclose(attr, one_step_per_pass, rtol=1e-5, atol=1e-7)
     assert torch.allclose(mg.ig_token_attributions(model, batch, steps, "all", alpha_batch=alpha_batch),
                           mg.ig_token_attributions(model, batch, steps, "all", alpha_batch=1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["layer", "all"])
+def test_ig_computes_attention_and_activation_once_below_the_scaled_down_proj(model, mode):
+    """The attention and gate/up projections of the lowest scaled layer run in the capture pass only: only its
+    down_proj and the layers above it depend on alpha.  So layer l's run 1 + l x passes times in "layer" mode
+    (the passes of the layers below l go through l), and layer 0's once in "all" mode."""
+    steps, alpha_batch = 5, 2
+    passes = -(-steps // alpha_batch)
+    names = ("self_attn", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    calls = {(l, name): 0 for l in range(N_LAYERS) for name in names}
+
+    def count(key):
+        def hook(*_):
+            calls[key] += 1
+
+        return hook
+
+    handles = [model.model.layers[l].get_submodule(name).register_forward_pre_hook(count((l, name)))
+               for l, name in calls]
+    try:
+        mg.ig_token_attributions(model, FORGET[0], steps, mode, alpha_batch=alpha_batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for l in range(N_LAYERS):
+        below = 1 + (l * passes if mode == "layer" else (l > 0) * passes)
+        assert [calls[l, name] for name in names[:3]] == [below] * 3, (l, calls)
+        # down_proj runs in every pass through its layer, its own included
+        assert calls[l, "mlp.down_proj"] == 1 + ((l + 1) * passes if mode == "layer" else passes), (l, calls)
 
 
 def test_ig_refuses_a_model_that_never_calls_its_layers():
