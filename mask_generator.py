@@ -616,7 +616,7 @@ def _start_at_layer(model: nn.Module, start: int, hidden: torch.Tensor, copies: 
 
 
 class _Replay(nn.Module):
-    """Stands in for a module whose output the alpha scaling cannot change: returns the clean pass's output."""
+    """Stands in for a module whose output is fixed for a pass: returns ``output`` whatever its inputs."""
 
     def __init__(self, output: Any) -> None:
         super().__init__()
@@ -626,31 +626,14 @@ class _Replay(nn.Module):
         return self.output
 
 
-class _DownProjOnly(nn.Module):
-    """Stands in for an MLP whose activation (gate_proj, up_proj, act_fn) the alpha scaling cannot change: runs
-    only down_proj, on the clean pass's activation (which down_proj's pre-hooks then see as usual)."""
-
-    def __init__(self, down_proj: nn.Module, activation: torch.Tensor) -> None:
-        super().__init__()
-        self.down_proj = down_proj
-        self.activation = activation
-
-    def forward(self, _x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.activation)
-
-
 @contextlib.contextmanager
-def _replay_up_to_down_proj(layer: nn.Module, attn_output: torch.Tensor | None, activation: torch.Tensor,
-                            copies: int) -> Iterator[None]:
-    """Passes through decoder ``layer`` take its attention output and MLP activation from the clean pass (both
-    repeated ``copies`` times along the batch) instead of computing them.
-
-    Valid for the lowest layer of a pass: its input is the clean one, so everything up to its down_proj input
-    is too.  The layer's own code (norms, residual sums) still runs, so any Llama/OLMo-2 layer layout works."""
-    swaps: dict[str, nn.Module] = {"mlp": _DownProjOnly(layer.mlp.down_proj, activation.repeat(copies, 1, 1))}
+def _replay(layer: nn.Module, attn_output: torch.Tensor | None, mlp_output: torch.Tensor) -> Iterator[None]:
+    """Passes through decoder ``layer`` take its attention and MLP outputs as given instead of computing them.
+    The layer's own code (norms, residual sums) still runs, so any Llama/OLMo-2 layer layout works."""
+    swaps: dict[str, nn.Module] = {"mlp": _Replay(mlp_output)}
     if attn_output is not None:
         # HF attention modules return (hidden states, attention weights); the layers discard the weights
-        swaps["self_attn"] = _Replay((attn_output.repeat(copies, 1, 1), None))
+        swaps["self_attn"] = _Replay((attn_output, None))
     originals = {name: getattr(layer, name) for name in swaps}
     for name, module in swaps.items():
         setattr(layer, name, module)
@@ -659,6 +642,16 @@ def _replay_up_to_down_proj(layer: nn.Module, attn_output: torch.Tensor | None, 
     finally:
         for name, module in originals.items():
             setattr(layer, name, module)
+
+
+@contextlib.contextmanager
+def _forward_hooks(modules: Sequence[nn.Module], make_hook: Callable[[int], Callable]) -> Iterator[None]:
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 IG_ALPHA_BATCH = 5  # alpha steps per pass: on CPU 5 x the batch beat both 1 and all 20 (docs/BENCHMARKS.md)
@@ -674,8 +667,9 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
     mode "layer": one layer scaled at a time (others untouched) -> sum over a layer ~ F(1) - F(layer zeroed).
     mode "all": all layers scaled together (one path) -> sum over all layers ~ F(1) - F(all zeroed).
     ``alpha_batch`` alpha steps run as one forward+backward over that many copies of the batch (fewer: less
-    memory); the layers below the scaled one run once per batch, not per step, and so do the attention and
-    gate/up projections of the lowest scaled layer (only its down_proj and the layers above see alpha)."""
+    memory).  Only what alpha changes is recomputed per step: down_proj is affine, so its output at the scaled
+    input is b + alpha * (y - b) with y its clean output, and dF/d(input) = dF/d(output) @ W; a pass starts
+    with the scaled layer's residual sums, and the layers below it and its attention and MLP run once per batch."""
     if steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {steps}")
     if mode not in ("layer", "all"):
@@ -696,23 +690,25 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
     with _scoring_scope(model):
         acts: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
         inputs: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+        down_outputs: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
         attn_outputs: list[torch.Tensor | None] = [None] * n_layers
 
-        def capture(store: list[torch.Tensor], layer: int):
+        def capture_input(store: list[torch.Tensor], layer: int):
             def hook(_module, args, kwargs):
                 store[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
 
             return hook
 
-        def capture_attn(layer: int):
+        def capture_output(store: list[torch.Tensor | None], layer: int):
             def hook(_module, _args, output):
-                attn_outputs[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+                store[layer] = (output[0] if isinstance(output, tuple) else output).detach()
 
             return hook
 
-        handles = [m.register_forward_pre_hook(capture(store, i), with_kwargs=True)
+        handles = [m.register_forward_pre_hook(capture_input(store, i), with_kwargs=True)
                    for store, modules in ((acts, downs), (inputs, layers)) for i, m in enumerate(modules)]
-        handles += [layer.self_attn.register_forward_hook(capture_attn(i))
+        handles += [m.register_forward_hook(capture_output(down_outputs, i)) for i, m in enumerate(downs)]
+        handles += [layer.self_attn.register_forward_hook(capture_output(attn_outputs, i))
                     for i, layer in enumerate(layers) if hasattr(layer, "self_attn")]
         try:
             with torch.no_grad():
@@ -723,9 +719,11 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
         missing = [i for i, x in enumerate(inputs) if x is None]
         if missing:  # its layers' code runs without the modules' hooks: a forward cannot be started at a layer
             raise RuntimeError(f"{type(model).__name__} never called decoder layer {missing[0]} as a module")
+        # down_proj's output without its bias, the part that alpha scales
+        linear_part = [y if d.bias is None else y - d.bias for y, d in zip(down_outputs, downs)]
         groups = [[layer] for layer in range(n_layers)] if mode == "layer" else [list(range(n_layers))]
         for group in groups:
-            gsum = {layer: torch.zeros_like(acts[layer], dtype=torch.float32) for layer in group}
+            gsum = {layer: torch.zeros_like(linear_part[layer], dtype=torch.float32) for layer in group}
             for first in range(1, steps + 1, alpha_batch):
                 ks = range(first, min(first + alpha_batch, steps + 1))
                 r = len(ks)
@@ -733,28 +731,35 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
                 alpha = torch.tensor([k / steps for k in ks], device=device).view(r, 1, 1, 1)
                 copies = {key: t.repeat(r, 1) for key, t in b.items()}
                 pos3 = pos.repeat(r, 1).unsqueeze(-1)
-                # The scaled activations are leaves: at prediction positions, where they replace the input, their
-                # gradient is dF/d(input); elsewhere it is 0 and never read.
-                scaled = {layer: (acts[layer] * alpha).to(acts[layer].dtype).flatten(0, 1).requires_grad_()
+                # The scaled linear parts are leaves: at prediction positions, where they make down_proj's output,
+                # their gradient is dF/d(output); elsewhere it is 0 and never read.
+                scaled = {layer: (linear_part[layer] * alpha).to(linear_part[layer].dtype).flatten(0, 1).requires_grad_()
                           for layer in group}
+                start, above = group[0], group[1:]
 
-                def scale(layer: int, scaled=scaled, pos3=pos3):
-                    def hook(_module, args):
-                        if layer not in scaled:
-                            return None
-                        return (torch.where(pos3, scaled[layer], args[0]), *args[1:])
+                def scaled_output(layer: int, output: torch.Tensor, scaled=scaled, pos3=pos3) -> torch.Tensor:
+                    bias = downs[layer].bias
+                    return torch.where(pos3, scaled[layer] if bias is None else scaled[layer] + bias, output)
 
-                    return hook
+                def replace(i: int, above=above, scaled_output=scaled_output):
+                    return lambda _module, _args, output: scaled_output(above[i], output)
 
-                start = group[0]
-                with (torch.enable_grad(), _pre_hooks(downs, scale), _start_at_layer(model, start, inputs[start], r),
-                      _replay_up_to_down_proj(layers[start], attn_outputs[start], acts[start], r)):
-                    nll, _ = token_nll(model, copies)
+                with torch.enable_grad():
+                    # the lowest scaled layer's input is the clean one: its attention output, and its MLP's output
+                    # (a Llama/OLMo-2 MLP returns down_proj's) away from the prediction positions, are the clean pass's
+                    mlp_output = scaled_output(start, down_outputs[start].repeat(r, 1, 1))
+                    attn_output = None if attn_outputs[start] is None else attn_outputs[start].repeat(r, 1, 1)
+                    with (_forward_hooks([downs[layer] for layer in above], replace),
+                          _start_at_layer(model, start, inputs[start], r),
+                          _replay(layers[start], attn_output, mlp_output)):
+                        nll, _ = token_nll(model, copies)
                     grads = torch.autograd.grad(-nll.sum(), [scaled[layer] for layer in group])
                 for layer, g in zip(group, grads):
-                    gsum[layer] += g.float().view(r, *acts[layer].shape).sum(0)
+                    gsum[layer] += g.float().view(r, *linear_part[layer].shape).sum(0)
             for layer in group:
-                out[layer] = (acts[layer].float() * gsum[layer] / steps)[pos]
+                # dF/d(input) = dF/d(output) @ W, summed over the steps before the product
+                grad_input = gsum[layer][pos] @ downs[layer].weight.detach().float()
+                out[layer] = acts[layer][pos].float() * grad_input / steps
     return out
 
 
