@@ -513,6 +513,13 @@ def _memflex_loss_terms(cfg: Mapping[str, Any], vocab: int) -> LossTerms:
             # the corruption is per example), so the split changes the sums by float rounding only.
             for start in range(0, cb["input_ids"].shape[0], micro):
                 part = {key: t[start:start + micro] for key, t in cb.items()}
+                answers = part["labels"] != IGNORE_INDEX
+                if not answers.any():
+                    continue  # no answer token: its term would be 0 with a count of 0
+                # Columns past the micro-batch's last real token or label are padding that nothing before them
+                # attends to (causal): dropping them saves their compute and memory without changing the loss.
+                used = (part["attention_mask"].bool() | answers).any(dim=0).nonzero()
+                part = {key: t[:, : int(used.max()) + 1] for key, t in part.items()}
                 nll, valid = token_nll(model, part)
                 n = valid.sum(dim=1)
                 has = n > 0
