@@ -492,21 +492,39 @@ def _memflex_vocab(model: nn.Module, cfg: Mapping[str, Any]) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
-def _memflex_loss_terms(cfg: Mapping[str, Any], vocab: int):
+MEMFLEX_MICRO_BATCH = 2  # examples per backward: at batch 8, 2 held the wide bench under half the reference's peak
+
+
+def _memflex_loss_terms(cfg: Mapping[str, Any], vocab: int) -> LossTerms:
     seed = _cfg_int(cfg, "seed", 0)
     copies = _cfg_int(cfg, "memflex_copies", 3)
     if copies < 1:
         raise ValueError(f"cfg['memflex_copies'] must be >= 1, got {copies}")
+    micro = _cfg_int(cfg, "memflex_micro_batch", MEMFLEX_MICRO_BATCH)
+    if micro < 1:
+        raise ValueError(f"cfg['memflex_micro_batch'] must be >= 1, got {micro}")
     corrupt_inputs = bool(cfg.get("memflex_corrupt_inputs", True))
 
-    def loss_terms(model, batch):
-        for c in range(copies):  # one term per copy: _grad_sum frees each copy's graph before building the next
+    def loss_terms(model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for c in range(copies):
             cb = corrupt_answers(batch, vocab, seed, c, corrupt_inputs)
-            nll, valid = token_nll(model, cb)
-            n = valid.sum(dim=1)
-            has = n > 0
-            per_example = nll.sum(dim=1)[has] / n[has]  # token-mean NLL of each example
-            yield per_example.sum(), has.sum().double()
+            # One term per micro-batch of each copy: _grad_sum frees each term's graph before building the next, so
+            # only `micro` examples' activations are alive at a time.  The loss is a sum of per-example terms (and
+            # the corruption is per example), so the split changes the sums by float rounding only.
+            for start in range(0, cb["input_ids"].shape[0], micro):
+                part = {key: t[start:start + micro] for key, t in cb.items()}
+                answers = part["labels"] != IGNORE_INDEX
+                if not answers.any():
+                    continue  # no answer token: its term would be 0 with a count of 0
+                # Columns past the micro-batch's last real token or label are padding that nothing before them
+                # attends to (causal): dropping them saves their compute and memory without changing the loss.
+                used = (part["attention_mask"].bool() | answers).any(dim=0).nonzero()
+                part = {key: t[:, : int(used.max()) + 1] for key, t in part.items()}
+                nll, valid = token_nll(model, part)
+                n = valid.sum(dim=1)
+                has = n > 0
+                per_example = nll.sum(dim=1)[has] / n[has]  # token-mean NLL of each example
+                yield per_example.sum(), has.sum().double()
 
     return loss_terms
 
@@ -519,19 +537,32 @@ def _memflex_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
     return {"grad_f": gf, "n_f": nf, "grad_r": gr, "n_r": nr}
 
 
+_FINALIZE_BLOCK_BYTES = 8 << 20  # float64 bytes of one block of value vectors in memflex's finalize
+
+
 def _memflex_stats_from(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
     for key in ("n_f", "n_r"):
         if stats[key].item() == 0:
             raise ValueError(f"memflex_down: no example with an answer token in the {'forget' if key == 'n_f' else 'retain'} set")
+    n_layers, d_model, d_ff = stats["grad_f"].shape
+    # Every statistic is per value vector (column), so the float64 copies are made a block of columns at a time:
+    # the temporaries stay at a few times _FINALIZE_BLOCK_BYTES instead of several layers' worth, which was the
+    # method's peak memory (the float32 sums are all that must be held whole).
+    width = max(1, _FINALIZE_BLOCK_BYTES // (d_model * 8))
     cosines, mean_abs = [], []
-    for layer in range(stats["grad_f"].shape[0]):  # per layer: float64 copies of one layer, not of the model
-        gf = stats["grad_f"][layer].double() / stats["n_f"]
-        gr = stats["grad_r"][layer].double() / stats["n_r"]
-        # norms first, then the product in place of gf: no third layer-sized temporary
-        mean_abs.append(torch.linalg.vector_norm(gf, 1, dim=0) / gf.shape[0])
-        denom = torch.linalg.vector_norm(gf, dim=0) * torch.linalg.vector_norm(gr, dim=0)
-        dot = gf.mul_(gr).sum(dim=0)
-        cosines.append(torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dot)))
+    for layer in range(n_layers):
+        layer_cos, layer_mag = [], []
+        for first in range(0, d_ff, width):
+            cols = slice(first, first + width)
+            gf = stats["grad_f"][layer, :, cols].double().div_(stats["n_f"])
+            gr = stats["grad_r"][layer, :, cols].double().div_(stats["n_r"])
+            layer_mag.append(torch.linalg.vector_norm(gf, 1, dim=0) / d_model)
+            denom = torch.linalg.vector_norm(gf, dim=0) * torch.linalg.vector_norm(gr, dim=0)
+            dot = gf.mul_(gr).sum(dim=0)  # after the norms, in place of gf: no third block-sized temporary
+            layer_cos.append(torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(torch.float64).tiny),
+                                         torch.zeros_like(dot)))
+        cosines.append(torch.cat(layer_cos))
+        mean_abs.append(torch.cat(layer_mag))
     return torch.stack(cosines).cpu(), torch.stack(mean_abs).cpu()
 
 
@@ -591,6 +622,45 @@ def _start_at_layer(model: nn.Module, start: int, hidden: torch.Tensor, copies: 
         handle.remove()
 
 
+class _Replay(nn.Module):
+    """Stands in for a module whose output is fixed for a pass: returns ``output`` whatever its inputs."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+@contextlib.contextmanager
+def _replay(layer: nn.Module, attn_output: torch.Tensor | None, mlp_output: torch.Tensor) -> Iterator[None]:
+    """Passes through decoder ``layer`` take its attention and MLP outputs as given instead of computing them.
+    The layer's own code (norms, residual sums) still runs, so any Llama/OLMo-2 layer layout works."""
+    swaps: dict[str, nn.Module] = {"mlp": _Replay(mlp_output)}
+    if attn_output is not None:
+        # HF attention modules return (hidden states, attention weights); the layers discard the weights
+        swaps["self_attn"] = _Replay((attn_output, None))
+    originals = {name: getattr(layer, name) for name in swaps}
+    for name, module in swaps.items():
+        setattr(layer, name, module)
+    try:
+        yield
+    finally:
+        for name, module in originals.items():
+            setattr(layer, name, module)
+
+
+@contextlib.contextmanager
+def _forward_hooks(modules: Sequence[nn.Module], make_hook: Callable[[int], Callable]) -> Iterator[None]:
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 IG_ALPHA_BATCH = 5  # alpha steps per pass: on CPU 5 x the batch beat both 1 and all 20 (docs/BENCHMARKS.md)
 
 
@@ -604,7 +674,9 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
     mode "layer": one layer scaled at a time (others untouched) -> sum over a layer ~ F(1) - F(layer zeroed).
     mode "all": all layers scaled together (one path) -> sum over all layers ~ F(1) - F(all zeroed).
     ``alpha_batch`` alpha steps run as one forward+backward over that many copies of the batch (fewer: less
-    memory); the layers below the scaled one run once per batch, not per step."""
+    memory).  Only what alpha changes is recomputed per step: down_proj is affine, so its output at the scaled
+    input is b + alpha * (y - b) with y its clean output, and dF/d(input) = dF/d(output) @ W; a pass starts
+    with the scaled layer's residual sums, and the layers below it and its attention and MLP run once per batch."""
     if steps < 1:
         raise ValueError(f"ig_steps must be >= 1, got {steps}")
     if mode not in ("layer", "all"):
@@ -625,15 +697,26 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
     with _scoring_scope(model):
         acts: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
         inputs: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+        down_outputs: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+        attn_outputs: list[torch.Tensor | None] = [None] * n_layers
 
-        def capture(store: list[torch.Tensor], layer: int):
+        def capture_input(store: list[torch.Tensor], layer: int):
             def hook(_module, args, kwargs):
                 store[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
 
             return hook
 
-        handles = [m.register_forward_pre_hook(capture(store, i), with_kwargs=True)
+        def capture_output(store: list[torch.Tensor | None], layer: int):
+            def hook(_module, _args, output):
+                store[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(capture_input(store, i), with_kwargs=True)
                    for store, modules in ((acts, downs), (inputs, layers)) for i, m in enumerate(modules)]
+        handles += [m.register_forward_hook(capture_output(down_outputs, i)) for i, m in enumerate(downs)]
+        handles += [layer.self_attn.register_forward_hook(capture_output(attn_outputs, i))
+                    for i, layer in enumerate(layers) if hasattr(layer, "self_attn")]
         try:
             with torch.no_grad():
                 token_nll(model, b)
@@ -643,9 +726,11 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
         missing = [i for i, x in enumerate(inputs) if x is None]
         if missing:  # its layers' code runs without the modules' hooks: a forward cannot be started at a layer
             raise RuntimeError(f"{type(model).__name__} never called decoder layer {missing[0]} as a module")
+        # down_proj's output without its bias, the part that alpha scales
+        linear_part = [y if d.bias is None else y - d.bias for y, d in zip(down_outputs, downs)]
         groups = [[layer] for layer in range(n_layers)] if mode == "layer" else [list(range(n_layers))]
         for group in groups:
-            gsum = {layer: torch.zeros_like(acts[layer], dtype=torch.float32) for layer in group}
+            gsum = {layer: torch.zeros_like(linear_part[layer], dtype=torch.float32) for layer in group}
             for first in range(1, steps + 1, alpha_batch):
                 ks = range(first, min(first + alpha_batch, steps + 1))
                 r = len(ks)
@@ -653,27 +738,35 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
                 alpha = torch.tensor([k / steps for k in ks], device=device).view(r, 1, 1, 1)
                 copies = {key: t.repeat(r, 1) for key, t in b.items()}
                 pos3 = pos.repeat(r, 1).unsqueeze(-1)
-                # The scaled activations are leaves: at prediction positions, where they replace the input, their
-                # gradient is dF/d(input); elsewhere it is 0 and never read.
-                scaled = {layer: (acts[layer] * alpha).to(acts[layer].dtype).flatten(0, 1).requires_grad_()
+                # The scaled linear parts are leaves: at prediction positions, where they make down_proj's output,
+                # their gradient is dF/d(output); elsewhere it is 0 and never read.
+                scaled = {layer: (linear_part[layer] * alpha).to(linear_part[layer].dtype).flatten(0, 1).requires_grad_()
                           for layer in group}
+                start, above = group[0], group[1:]
 
-                def scale(layer: int, scaled=scaled, pos3=pos3):
-                    def hook(_module, args):
-                        if layer not in scaled:
-                            return None
-                        return (torch.where(pos3, scaled[layer], args[0]), *args[1:])
+                def scaled_output(layer: int, output: torch.Tensor, scaled=scaled, pos3=pos3) -> torch.Tensor:
+                    bias = downs[layer].bias
+                    return torch.where(pos3, scaled[layer] if bias is None else scaled[layer] + bias, output)
 
-                    return hook
+                def replace(i: int, above=above, scaled_output=scaled_output):
+                    return lambda _module, _args, output: scaled_output(above[i], output)
 
-                start = group[0]
-                with torch.enable_grad(), _pre_hooks(downs, scale), _start_at_layer(model, start, inputs[start], r):
-                    nll, _ = token_nll(model, copies)
+                with torch.enable_grad():
+                    # the lowest scaled layer's input is the clean one: its attention output, and its MLP's output
+                    # (a Llama/OLMo-2 MLP returns down_proj's) away from the prediction positions, are the clean pass's
+                    mlp_output = scaled_output(start, down_outputs[start].repeat(r, 1, 1))
+                    attn_output = None if attn_outputs[start] is None else attn_outputs[start].repeat(r, 1, 1)
+                    with (_forward_hooks([downs[layer] for layer in above], replace),
+                          _start_at_layer(model, start, inputs[start], r),
+                          _replay(layers[start], attn_output, mlp_output)):
+                        nll, _ = token_nll(model, copies)
                     grads = torch.autograd.grad(-nll.sum(), [scaled[layer] for layer in group])
                 for layer, g in zip(group, grads):
-                    gsum[layer] += g.float().view(r, *acts[layer].shape).sum(0)
+                    gsum[layer] += g.float().view(r, *linear_part[layer].shape).sum(0)
             for layer in group:
-                out[layer] = (acts[layer].float() * gsum[layer] / steps)[pos]
+                # dF/d(input) = dF/d(output) @ W, summed over the steps before the product
+                grad_input = gsum[layer][pos] @ downs[layer].weight.detach().float()
+                out[layer] = acts[layer][pos].float() * grad_input / steps
     return out
 
 

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from dataloader import IGNORE_INDEX, QADataset, nll_loss
-from mask_generator import ATTRIBUTIONS, compute_scores, model_shape, select_top
+from mask_generator import ATTRIBUTIONS, MEMFLEX_MICRO_BATCH, compute_scores, model_shape, select_top
 from models import family_config, load_model, load_tokenizer
 
 BASELINE = "forward+backward"
@@ -178,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model: {model_path} ({model.num_parameters():,} parameters, {n_layers} layers x {d_ff} value vectors)")
     print(f"data: {args.data_path}, {len(forget)} {args.forget_split} + {len(retain)} retain examples "
           f"({n_tokens} answer tokens), batch_size {cfg['batch_size']}, ig_steps {cfg['ig_steps']}, "
-          f"memflex_copies {cfg['memflex_copies']}, ig_alpha_batch {cfg['ig_alpha_batch']}")
+          f"memflex_copies {cfg['memflex_copies']}, "
+          f"memflex_micro_batch {cfg.get('memflex_micro_batch', MEMFLEX_MICRO_BATCH)}, ig_alpha_batch {cfg['ig_alpha_batch']}")
     if args.wide is not None:
         wide_memory(args, cfg, loaders, len(tokenizer))
         return 0

@@ -14,18 +14,34 @@ N_LAYERS, D_MODEL, D_FF, VOCAB = 2, 16, 24, 50
 PROMPT = 4
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_FF, num_hidden_layers=N_LAYERS,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, **overrides,
     )
     m = LlamaForCausalLM(cfg).float()
     m.eval()
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["no_mlp_bias", "mlp_bias"])
+def ig_model(request, model):
+    """IG computes down_proj's output at the scaled input from its clean output: with and without a bias."""
+    if not request.param:
+        return model
+    biased = tiny_llama(mlp_bias=True)
+    with torch.no_grad():
+        for layer in biased.model.layers:  # HF initialises biases to 0
+            layer.mlp.down_proj.bias.normal_(0.0, 0.2)
+    return biased
 
 
 def make_batches(seed: int, n_batches: int, bsz: int = 2, seq: int = 10) -> list[dict[str, torch.Tensor]]:
@@ -286,6 +302,27 @@ def test_memflex_statistics_match_direct(model):
         assert mag[l, i].item() == pytest.approx(gf[l][:, i].abs().mean().item(), rel=1e-4)
 
 
+def test_memflex_micro_batches_and_column_blocks_leave_the_statistics_unchanged(model, monkeypatch):
+    """Each copy is backpropagated micro-batch by micro-batch (the decoder never sees more examples than that at
+    once), and finalize works on blocks of value vectors; neither changes the statistics beyond float rounding."""
+    cfg = {"seed": 11, "memflex_copies": 2}
+    whole = mg.memflex_statistics(model, FORGET, RETAIN, {**cfg, "memflex_micro_batch": 64})
+    sizes = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    try:
+        singles = mg.memflex_statistics(model, FORGET, RETAIN, {**cfg, "memflex_micro_batch": 1})
+    finally:
+        handle.remove()
+    assert set(sizes) == {1} and len(sizes) == 2 * sum(b["input_ids"].shape[0] for b in FORGET + RETAIN)
+    monkeypatch.setattr(mg, "_FINALIZE_BLOCK_BYTES", 5 * D_MODEL * 8)  # 5 value vectors a block: 24 = 4 x 5 + 4
+    blocks = mg.memflex_statistics(model, FORGET, RETAIN, {**cfg, "memflex_micro_batch": 64})
+    for got in (singles, blocks):
+        for a, b in zip(got, whole):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="memflex_micro_batch"):
+        mg.memflex_statistics(model, FORGET, RETAIN, {**cfg, "memflex_micro_batch": 0})
+
+
 def test_memflex_budget_and_threshold_rules(model):
     cosine, mag = mg.memflex_statistics(model, FORGET, RETAIN, {"seed": 1, "memflex_copies": 1})
     mu = float(cosine.median())  # a threshold that splits this tiny model's vectors
@@ -341,32 +378,40 @@ def test_ig_completeness(model):
             assert 2 * a_2m - a_m == pytest.approx(delta, rel=5e-3)
 
 
-def test_ig_two_steps_direct(model):
+@pytest.mark.parametrize("mode", ["layer", "all"])
+def test_ig_two_steps_direct(ig_model, mode):
     batch = FORGET[1]
-    attr = mg.ig_token_attributions(model, batch, 2, mode="layer")
-    l = 1
+    attr = mg.ig_token_attributions(ig_model, batch, 2, mode=mode)
     pos = torch.zeros_like(batch["labels"], dtype=torch.bool)
     pos[:, :-1] = batch["labels"][:, 1:] != -100
+    pos3 = pos.unsqueeze(-1)
+    mlps = [layer.mlp for layer in ig_model.model.layers]
     mlp_in = {}
-    h = model.model.layers[l].mlp.register_forward_hook(lambda mod, args, out: mlp_in.__setitem__("x", args[0]))
+    hs = [m.register_forward_hook(lambda mod, args, out, l=l: mlp_in.__setitem__(l, args[0])) for l, m in enumerate(mlps)]
     with torch.no_grad():
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    h.remove()
-    mlp = model.model.layers[l].mlp
-    a = (mlp.act_fn(mlp.gate_proj(mlp_in["x"])) * mlp.up_proj(mlp_in["x"])).detach()
-    grads = []
-    for alpha in (0.5, 1.0):
-        leaf = torch.where(pos.unsqueeze(-1), a * alpha, a).requires_grad_(True)
-        hh = mlp.down_proj.register_forward_pre_hook(lambda mod, args: (leaf,))
-        try:
-            logp = -summed_nll(model, [batch])
-            grads.append(torch.autograd.grad(logp, leaf)[0])
-        finally:
-            hh.remove()
-    expected = (a * (grads[0] + grads[1]) / 2)[pos]
-    assert torch.allclose(attr[l], expected, rtol=1e-4, atol=1e-6)
-    scores = mg.compute_scores("ig_down", model, [batch], None, {"ig_steps": 2})
-    assert torch.allclose(scores[l], expected.abs().double().mean(0), rtol=1e-4, atol=1e-7)
+        ig_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in hs:
+        h.remove()
+    acts = [(m.act_fn(m.gate_proj(mlp_in[l])) * m.up_proj(mlp_in[l])).detach() for l, m in enumerate(mlps)]
+    groups = [[l] for l in range(N_LAYERS)] if mode == "layer" else [list(range(N_LAYERS))]
+    for group in groups:
+        grads = {l: torch.zeros_like(acts[l]) for l in group}
+        for alpha in (0.5, 1.0):
+            leaves = {l: (acts[l] * alpha).requires_grad_(True) for l in group}
+            hs = [mlps[l].down_proj.register_forward_pre_hook(lambda mod, args, l=l: (torch.where(pos3, leaves[l], args[0]),))
+                  for l in group]
+            try:
+                logp = -summed_nll(ig_model, [batch])
+                for l, g in zip(group, torch.autograd.grad(logp, [leaves[l] for l in group])):
+                    grads[l] += g
+            finally:
+                for h in hs:
+                    h.remove()
+        for l in group:
+            expected = (acts[l] * grads[l] / 2)[pos]
+            assert torch.allclose(attr[l], expected, rtol=1e-4, atol=1e-6), (mode, l)
+    scores = mg.compute_scores("ig_down", ig_model, [batch], None, {"ig_steps": 2, "ig_mode": mode})
+    assert torch.allclose(scores, attr.abs().double().mean(1), rtol=1e-4, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- sharding
@@ -524,6 +569,35 @@ def test_ig_runs_lower_layers_once_per_batch(model, alpha_batch):
     assert torch.allclose(attr, one_step_per_pass, rtol=1e-5, atol=1e-7)
     assert torch.allclose(mg.ig_token_attributions(model, batch, steps, "all", alpha_batch=alpha_batch),
                           mg.ig_token_attributions(model, batch, steps, "all", alpha_batch=1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["layer", "all"])
+def test_ig_runs_the_lowest_scaled_layer_once_per_batch(model, mode):
+    """The attention and MLP of the lowest scaled layer run in the capture pass only (its down_proj output at
+    the scaled input is affine in alpha, so it is not recomputed either).  So layer l's modules run
+    1 + l x passes times in "layer" mode (the passes of the layers below l go through l), and in "all" mode
+    layer 0's once and every other layer's in every pass."""
+    steps, alpha_batch = 5, 2
+    passes = -(-steps // alpha_batch)
+    names = ("self_attn", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    calls = {(l, name): 0 for l in range(N_LAYERS) for name in names}
+
+    def count(key):
+        def hook(*_):
+            calls[key] += 1
+
+        return hook
+
+    handles = [model.model.layers[l].get_submodule(name).register_forward_pre_hook(count((l, name)))
+               for l, name in calls]
+    try:
+        mg.ig_token_attributions(model, FORGET[0], steps, mode, alpha_batch=alpha_batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for l in range(N_LAYERS):
+        expected = 1 + (l * passes if mode == "layer" else (l > 0) * passes)
+        assert [calls[l, name] for name in names] == [expected] * len(names), (l, calls)
 
 
 def test_ig_refuses_a_model_that_never_calls_its_layers():
