@@ -339,6 +339,24 @@ def test_batched_scoring_equals_one_at_a_time_and_full_log_softmax(tiny, monkeyp
                                            rtol=1e-4, atol=1e-5)
 
 
+def test_generation_cache_is_sized_by_its_batch_not_by_earlier_calls(tiny, monkeypatch):
+    """HF's static cache keeps the longest length of any earlier generate() on the model; ours is the batch's own, so
+    a greedy answer cannot depend on what was generated before (another split, checkpoint or rank's share)."""
+    model, tokenizer, _ = tiny
+    family = family_config("tiny")
+    prompts = [E.prompt_ids(e) for e in _encodings(tokenizer, 6)[::2]]
+    short, long = min(prompts, key=len), max(prompts, key=len)
+    lengths = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: (lengths.append(kw["past_key_values"].get_max_length()),
+                                                         generate(**kw))[1])
+    fresh = E.generate_answers(model, tokenizer, family, [short], batch_size=1, max_new_tokens=40)
+    E.generate_answers(model, tokenizer, family, [long], batch_size=1, max_new_tokens=200)
+    after = E.generate_answers(model, tokenizer, family, [short], batch_size=1, max_new_tokens=40)
+    assert lengths == [len(short) + 40, len(long) + 200, len(short) + 40]
+    assert after == fresh
+
+
 def test_left_padded_batched_generation_equals_unbatched(tiny):
     model, tokenizer, _ = tiny
     prompts = [E.prompt_ids(e) for e in _encodings(tokenizer, 6)[::2]]
