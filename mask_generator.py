@@ -219,8 +219,10 @@ def _prediction_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _pre_hooks(modules: Sequence[nn.Module], make_hook: Callable[[int], Callable]) -> Iterator[None]:
-    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(modules)]
+def _hooks(modules: Sequence[nn.Module], make_hook: Callable[[int], Callable], pre: bool = True) -> Iterator[None]:
+    """Forward pre-hooks (or, with pre=False, forward hooks) make_hook(i) on modules[i], removed on exit."""
+    handles = [(m.register_forward_pre_hook if pre else m.register_forward_hook)(make_hook(i))
+               for i, m in enumerate(modules)]
     try:
         yield
     finally:
@@ -338,7 +340,7 @@ def _activation_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
 
         return hook
 
-    with _scoring_scope(model), torch.no_grad(), _pre_hooks([m.down_proj for m in mlps], make_hook):
+    with _scoring_scope(model), torch.no_grad(), _hooks([m.down_proj for m in mlps], make_hook):
         for raw in _progress(forget_batches, "activation", cfg):
             batch = _to_device(raw, device)
             current["pos"] = _prediction_positions(batch["labels"])
@@ -651,16 +653,6 @@ def _replay(layer: nn.Module, attn_output: torch.Tensor | None, mlp_output: torc
             setattr(layer, name, module)
 
 
-@contextlib.contextmanager
-def _forward_hooks(modules: Sequence[nn.Module], make_hook: Callable[[int], Callable]) -> Iterator[None]:
-    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 IG_ALPHA_BATCH = 5  # alpha steps per pass: on CPU 5 x the batch beat both 1 and all 20 (docs/BENCHMARKS.md)
 
 
@@ -756,7 +748,7 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
                     # (a Llama/OLMo-2 MLP returns down_proj's) away from the prediction positions, are the clean pass's
                     mlp_output = scaled_output(start, down_outputs[start].repeat(r, 1, 1))
                     attn_output = None if attn_outputs[start] is None else attn_outputs[start].repeat(r, 1, 1)
-                    with (_forward_hooks([downs[layer] for layer in above], replace),
+                    with (_hooks([downs[layer] for layer in above], replace, pre=False),
                           _start_at_layer(model, start, inputs[start], r),
                           _replay(layers[start], attn_output, mlp_output)):
                         nll, _ = token_nll(model, copies)
