@@ -269,14 +269,9 @@ def all_reduce_statistics(stats: Stats) -> Stats:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return stats
-    cpu_backend = dist.get_backend() == "gloo"
-    for key, t in stats.items():
-        if cpu_backend and t.device.type != "cpu":
-            tmp = t.cpu()
-            dist.all_reduce(tmp, op=dist.ReduceOp.SUM)
-            t.copy_(tmp)
-        else:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    # The statistics live on the model's device, which the group built by runtime.init_distributed serves.
+    for t in stats.values():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return stats
 
 

@@ -2,8 +2,8 @@
 
 Masked training moves each selected down_proj column into a small parameter of its own (`masked_values`, shape
 d_model x k; the column itself is zeroed) and adds its product with the input to the layer's output in a forward
-hook. Every other weight is frozen, so the
-optimizer holds state for the selected values only and nothing outside the mask can move, weight decay included.
+hook. Every other weight is frozen, so the optimizer holds state for the selected values only and nothing outside
+the mask can move, weight decay included.
 
 Trainable values (masked values, LoRA adapters) are fp32 master copies whatever the model's dtype: at lr 1e-5 most
 Adam updates to a bf16 weight are smaller than half its ulp and round away, and which values still move would then

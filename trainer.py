@@ -275,7 +275,6 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 def _mean_across_ranks(value: torch.Tensor) -> float:
     if dist.is_initialized():
-        value = value.clone()
         dist.all_reduce(value)
     return value.item() / world_size()
 
