@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from masking import MASKED_VALUES
+from masking import masked_modules
 from models import load_model
 from runtime import ConfigError, atomic_path, run_main
 
@@ -114,10 +114,9 @@ def starting_model(checkpoint: str | Path, meta: dict[str, Any]) -> str:
 def save_compact(path: Path, model: torch.nn.Module, reference: dict[str, str]) -> None:
     """Write a masked model's values (in the model's dtype) and indices, its config and its starting model."""
     tensors = {}
-    for name, module in model.named_modules():
-        if hasattr(module, MASKED_VALUES):
-            tensors[f"{name}.values"] = module.masked_values.detach().to(module.weight.dtype).cpu().contiguous()
-            tensors[f"{name}.index"] = module.mask_index.cpu()
+    for name, module in masked_modules(model):
+        tensors[f"{name}.values"] = module.masked_values.detach().to(module.weight.dtype).cpu().contiguous()
+        tensors[f"{name}.index"] = module.mask_index.cpu()
     if not tensors:
         raise ValueError("save_compact needs a model with a value-vector mask applied")
     save_file(tensors, str(path / VALUES_FILE))

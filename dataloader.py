@@ -1,8 +1,9 @@
-"""TOFU data: loading every config, the one QA -> token ids function, datasets and collators; the loss registry."""
+"""TOFU data for training and scoring: the one QA -> token ids function, datasets and collators; the loss registry.
+
+Reading the splits themselves is tofu.py's (below the models, whose tiny family trains its tokenizer on them)."""
 from __future__ import annotations
 
 import functools
-import json
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,88 +19,9 @@ from torch.utils.data import Dataset
 from models import decoder_layers
 from runtime import ConfigError
 
-HUB_DATASET = "locuslab/TOFU"
-SYNTHETIC = "synthetic"
 IGNORE_INDEX = -100
 REF_NLL_KEY = "ref_nll"
-
-_QA = ("question", "answer")
-_PERTURBED = (*_QA, "paraphrased_answer", "perturbed_answer", "paraphrased_question")
-_OPTIONS = (*_QA, "option1", "option2", "option3", "option4")
-TOFU_CONFIGS: dict[str, tuple[str, ...]] = {
-    "full": _QA,
-    **{f"forget{p}": _QA for p in ("01", "05", "10")},
-    **{f"retain{p}": _QA for p in ("90", "95", "99")},
-    **{f"holdout{p}": _QA for p in ("01", "05", "10")},
-    **{f"forget{p}_perturbed": _PERTURBED for p in ("01", "05", "10")},
-    "retain_perturbed": _PERTURBED,
-    "real_authors": _OPTIONS,
-    "world_facts": _OPTIONS,
-    "real_authors_perturbed": (*_QA, "perturbed_answer"),
-    "world_facts_perturbed": (*_QA, "perturbed_answer"),
-}
 DEFAULT_IDK = ["I don't know.", "I'm not sure.", "I have no information about that.", "That is beyond my knowledge."]
-
-
-@functools.lru_cache(maxsize=4)
-def _synthetic(seed: int) -> dict[str, list[dict]]:
-    from synthetic_tofu import generate
-
-    return generate(seed)
-
-
-def load_tofu(name: str, data_path: str | None = None) -> list[dict[str, Any]]:
-    """Rows of one TOFU config from `data_path` (a directory of JSON-lines files), `synthetic`, or the hub."""
-    if name not in TOFU_CONFIGS:
-        raise ConfigError(f"unknown TOFU split {name!r}; expected one of {sorted(TOFU_CONFIGS)}")
-    if data_path == SYNTHETIC:
-        return _synthetic(0)[name]
-    if data_path:
-        rows = _read_jsonl(Path(data_path), name)
-    else:
-        rows = _load_from_hub(name)
-    if not rows:
-        raise ConfigError(f"TOFU split {name!r} from {data_path or HUB_DATASET} is empty")
-    return rows
-
-
-def _read_jsonl(directory: Path, name: str) -> list[dict[str, Any]]:
-    if not directory.is_dir():
-        raise ConfigError(f"data_path={directory} is not a directory; expected a folder of TOFU JSON-lines files")
-    path = directory / f"{name}.json"
-    if not path.is_file():
-        raise ConfigError(f"TOFU split {name!r} not found: expected the file {path}")
-    rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{lineno}: malformed JSON line ({err.msg})") from None
-            missing = [k for k in TOFU_CONFIGS[name] if k not in row] if isinstance(row, dict) else ["(not an object)"]
-            if missing:
-                raise ConfigError(f"{path}:{lineno}: missing field(s) {missing}; expected {list(TOFU_CONFIGS[name])}")
-            rows.append(row)
-    return rows
-
-
-def _load_from_hub(name: str) -> list[dict[str, Any]]:
-    try:
-        from datasets import load_dataset
-
-        return list(load_dataset(HUB_DATASET, name, split="train"))
-    except Exception as err:  # the hub raises many types (network, auth, missing config)
-        raise ConfigError(
-            f"could not load TOFU split {name!r} from the hub dataset {HUB_DATASET} ({type(err).__name__}); "
-            f"pass data_path=<directory with {name}.json> or data_path={SYNTHETIC}"
-        ) from None
-
-
-def retain_split_for(forget_split: str) -> str:
-    """The retain split that, with `forget_split`, makes up `full` (retain90 for anything else)."""
-    return {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}.get(forget_split, "retain90")
 
 
 def load_idk(path: str | None) -> list[str]:

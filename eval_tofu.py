@@ -26,12 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import metrics as M
 from checkpoints import ModelSwitcher, load_any_model, local_model_dir
-from dataloader import load_tofu
 from evaluator import (HOLDOUT, MIA_KEYS, RETAIN_ES, SPLIT_DATA, SPLITS, EvalSettings, mia_aucs, reference_attack,
                        run_evaluation, summarize)
 from models import family_config, load_tokenizer, resolve_model_path
 from runtime import (ConfigError, broadcast_object, check_writable, init_distributed, is_main, run_main,
                      seed_everything, setup_logging, write_json)
+from tofu import load_tofu
 
 log = logging.getLogger("loc_unlearn")
 

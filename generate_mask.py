@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader, Subset
 from transformers import AutoConfig, PretrainedConfig
 
 from checkpoints import load_any_model
-from dataloader import QADataset, load_tofu, retain_split_for
-from mask_generator import (ATTRIBUTIONS, SHAPE_ONLY, compute_scores, load_mask, make_meta, mask_path, model_shape,
-                            random_complement, save_mask, select_top)
-from models import family_config, load_tokenizer, resolve_model_path
+from dataloader import QADataset
+from mask_generator import ATTRIBUTIONS, SHAPE_ONLY, compute_scores, mask_path
+from masks import load_mask, make_meta, random_complement, save_mask, select_top
+from models import family_config, load_tokenizer, resolve_model_path, value_vector_shape
 from runtime import (ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything,
                      setup_logging, shard)
+from tofu import load_tofu, retain_split_for
 
 log = logging.getLogger("loc_unlearn")
 VARIANTS = ("normal", "random_complement")
@@ -75,7 +76,7 @@ def generate(cfg: DictConfig) -> None:
 
     model_path = resolve_model_path(c["model_family"], c["model_path"], c["data_path"])
     model = load_shape(model_path) if shape_only(c) else load_any_model(model_path, device)
-    n_layers, d_ff = model_shape(model)
+    n_layers, d_ff = value_vector_shape(model)
     if c["variant"] == "random_complement":
         try:
             target, _ = load_mask(c["target_mask_path"], n_layers, d_ff)

@@ -1,9 +1,9 @@
 """Choose what trains: selected value vectors only (a mask), LoRA adapters, or every parameter.
 
-Masked training moves each selected down_proj column into a small parameter of its own (`masked_values`, shape
-d_model x k; the column itself is zeroed) and adds its product with the input to the layer's output in a forward
-hook. Every other weight is frozen, so the optimizer holds state for the selected values only and nothing outside
-the mask can move, weight decay included.
+Masked training (`MaskedValues`) moves each selected down_proj column into a small parameter of its own
+(`masked_values`, shape d_model x k; the column itself is zeroed) and adds its product with the input to the layer's
+output in a forward hook. Every other weight is frozen, so the optimizer holds state for the selected values only
+and nothing outside the mask can move, weight decay included.
 
 Trainable values (masked values, LoRA adapters) are fp32 master copies whatever the model's dtype: at lr 1e-5 most
 Adam updates to a bf16 weight are smaller than half its ulp and round away, and which values still move would then
@@ -11,39 +11,75 @@ depend on their magnitude. The frozen model stays in its own dtype, and checkpoi
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from models import decoder_layers
+from models import value_vectors
 
+# The masters are registered on their down_proj under this name, so state dicts, trainer_state.pt and DeepSpeed
+# checkpoints call them "<layer>.mlp.down_proj.masked_values"; runs saved before MaskedValues existed used it too.
 MASKED_VALUES = "masked_values"
 
 
 def _add_masked_values(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-    # The selected columns of W are zeroed when the mask is applied, so W x + V x[idx] is the output of W with those
+    # The selected columns of W are zeroed when the mask is attached, so W x + V x[idx] is the output of W with those
     # columns replaced by V, whatever the frozen columns held before: a resumed run loads them trained (and rounded
     # to bf16) and must compute exactly what the uninterrupted run did.
     selected_inputs = inputs[0].index_select(-1, module.mask_index)
     return output + F.linear(selected_inputs, module.masked_values.to(output.dtype))
 
 
-def apply_value_vector_mask(model: nn.Module, indices: Iterable[torch.Tensor]) -> list[nn.Parameter]:
-    """Freeze the model and make only the selected value vectors (down_proj columns) trainable."""
-    model.requires_grad_(False)
-    trainable = []
-    for layer, idx in zip(decoder_layers(model), indices):
-        if len(idx) == 0:
-            continue
-        down = layer.mlp.down_proj
-        down.register_buffer("mask_index", idx.to(down.weight.device, torch.long), persistent=False)
-        down.masked_values = nn.Parameter(down.weight[:, down.mask_index].detach().float())
-        down.weight.data[:, down.mask_index] = 0
-        down.register_forward_hook(_add_masked_values)
-        trainable.append(down.masked_values)
-    return trainable
+class MaskedValues:
+    """Only the selected value vectors of a model train (an adapter over its down_proj layers, removable).
+
+    ``attach`` freezes the model and moves each selected column into an fp32 master (zeroing the column) that a
+    forward hook adds back; ``remove`` writes the masters into their columns in the weight's dtype and takes the
+    masters, indices and hooks away, leaving a plain model.
+    """
+
+    def __init__(self, indices: Sequence[torch.Tensor]) -> None:
+        self.indices = list(indices)
+        self._attached: list[tuple[nn.Linear, RemovableHandle]] = []
+
+    def attach(self, model: nn.Module) -> MaskedValues:
+        if self._attached:
+            raise RuntimeError("this mask is already attached to a model; remove() it first")
+        downs = value_vectors(model)
+        if len(self.indices) != len(downs):
+            raise ValueError(f"the mask has {len(self.indices)} layers but the model has {len(downs)}")
+        if any(hasattr(down, MASKED_VALUES) for down in downs):
+            raise ValueError("the model already has a value-vector mask attached")
+        model.requires_grad_(False)
+        for down, idx in zip(downs, self.indices):
+            if len(idx) == 0:
+                continue
+            down.register_buffer("mask_index", idx.to(down.weight.device, torch.long), persistent=False)
+            down.masked_values = nn.Parameter(down.weight[:, down.mask_index].detach().float())
+            down.weight.data[:, down.mask_index] = 0
+            self._attached.append((down, down.register_forward_hook(_add_masked_values)))
+        return self
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The fp32 masters, one per layer with selected values, in layer order: what the optimizer trains."""
+        return [down.masked_values for down, _ in self._attached]
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Back to a plain model holding the trained values (it stays frozen; the masters are dropped)."""
+        for down, handle in self._attached:
+            down.weight[:, down.mask_index] = down.masked_values.to(down.weight.dtype)
+            handle.remove()
+            del down.masked_values, down.mask_index
+        self._attached = []
+
+
+def masked_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, down_proj) of every layer whose values a MaskedValues has attached to ``model``."""
+    return [(name, module) for name, module in model.named_modules() if hasattr(module, MASKED_VALUES)]
 
 
 def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> tuple[nn.Module, list]:
@@ -86,11 +122,10 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if hasattr(model, "peft_config"):
         return _lora_merged_state_dict(model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(MASKED_VALUES)}
-    for name, module in model.named_modules():
-        if hasattr(module, MASKED_VALUES):
-            weight = module.weight.detach().clone()
-            weight[:, module.mask_index] = module.masked_values.detach().to(weight.dtype)
-            state[f"{name}.weight"] = weight
+    for name, module in masked_modules(model):
+        weight = module.weight.detach().clone()
+        weight[:, module.mask_index] = module.masked_values.detach().to(weight.dtype)
+        state[f"{name}.weight"] = weight
     return state
 
 

@@ -1,4 +1,5 @@
-"""Model families: their config, the locally built `tiny` model, and loading with the right dtype and attention."""
+"""Model families: their config, the locally built `tiny` model, loading with the right dtype and attention, and
+where a model keeps its decoder layers and value vectors."""
 from __future__ import annotations
 
 import hashlib
@@ -10,10 +11,12 @@ from typing import Any
 import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig,
+                          PreTrainedTokenizerFast)
 from transformers.utils import is_flash_attn_2_available
 
 from runtime import ConfigError, atomic_path, barrier, is_main
+from tofu import load_tofu
 
 log = logging.getLogger("loc_unlearn")
 
@@ -38,6 +41,32 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return found[0]
 
 
+def value_vectors(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The MLP down-projection of every decoder layer: column i of layer l's weight is value vector (l, i).
+
+    Llama and OLMo-2 both name it `mlp.down_proj`; the layers are found through DDP or PEFT wrappers, but a
+    down-projection that PEFT itself wrapped is refused, as its weight is then not the whole story.
+    """
+    downs = []
+    for i, layer in enumerate(decoder_layers(model)):
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if not isinstance(down, torch.nn.Linear):
+            raise ValueError(f"layer {i} has no mlp.down_proj Linear; only Llama/OLMo-2 style MLPs are supported")
+        downs.append(down)
+    return downs
+
+
+def value_vector_shape(model: torch.nn.Module | PretrainedConfig) -> tuple[int, int]:
+    """(n_layers, d_ff): decoder layers and value vectors per layer, of a model or of its config alone."""
+    if isinstance(model, PretrainedConfig):
+        return model.num_hidden_layers, model.intermediate_size
+    downs = value_vectors(model)
+    d_ff = {down.weight.shape[1] for down in downs}
+    if len(d_ff) != 1:
+        raise ValueError(f"layers have different d_ff {sorted(d_ff)}; not supported")
+    return len(downs), d_ff.pop()
+
+
 def model_families() -> dict[str, dict[str, Any]]:
     return yaml.safe_load(MODEL_CONFIG_PATH.read_text())
 
@@ -50,8 +79,6 @@ def family_config(name: str) -> dict[str, Any]:
 
 
 def _tiny_corpus(data_path: str | None) -> list[str]:
-    from dataloader import load_tofu
-
     texts: list[str] = []
     for split in ("full", "real_authors_perturbed", "world_facts_perturbed", "retain_perturbed", "forget10_perturbed"):
         for row in load_tofu(split, data_path):

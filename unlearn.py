@@ -15,12 +15,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from checkpoints import SAVE_FORMATS, load_any_model, load_plain_weights, save_compact, starting_model_reference
-from dataloader import UnlearnDataset, get_loss, load_idk, load_tofu, retain_split_for, sequence_nll
-from masking import apply_lora, apply_value_vector_mask, base_model, plain_state_dict
-from models import DTYPES, family_config, load_tokenizer, resolve_model_path, resolve_precision
+from dataloader import UnlearnDataset, get_loss, load_idk, sequence_nll
+from masking import MaskedValues, apply_lora, base_model, plain_state_dict
+from masks import load_mask
+from models import DTYPES, family_config, load_tokenizer, resolve_model_path, resolve_precision, value_vector_shape
 from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
 from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, checkpoints, find_final, load_resume_state,
                      restore_trainable, train)
+from tofu import load_tofu, retain_split_for
 
 log = logging.getLogger("loc_unlearn")
 
@@ -156,13 +158,11 @@ def unlearn(cfg: DictConfig) -> None:
     if resume_from and c["lora_r"] == 0:
         load_plain_weights(model, resume_from)
     if c["mask_path"]:
-        from mask_generator import load_mask, model_shape
-
         try:
-            indices, meta = load_mask(c["mask_path"], *model_shape(model))
+            indices, meta = load_mask(c["mask_path"], *value_vector_shape(model))
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        trainable = apply_value_vector_mask(model, indices)
+        trainable = MaskedValues(indices).attach(model).parameters()
         log.info("mask %s: %d value vectors (%s) trainable", c["mask_path"], sum(len(i) for i in indices),
                  meta.get("method"))
     elif c["lora_r"] > 0:

@@ -37,8 +37,9 @@ from transformers import GenerationConfig  # noqa: E402
 
 import evaluator as E  # noqa: E402
 import metrics as M  # noqa: E402
-from dataloader import IGNORE_INDEX, encode_qa, load_tofu  # noqa: E402
+from dataloader import IGNORE_INDEX, encode_qa  # noqa: E402
 from models import family_config, load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from tofu import load_tofu  # noqa: E402
 
 DATA = {"forget": "forget10_perturbed", **E.SPLIT_DATA}
 TOLERANCE = 1e-5

@@ -27,9 +27,10 @@ from common import print_header, tiny_model
 
 import torch
 
-from dataloader import IGNORE_INDEX, QADataset, load_tofu, nll_loss, token_nll_from_logits
+from dataloader import IGNORE_INDEX, QADataset, nll_loss, token_nll_from_logits
 from models import family_config, load_model, load_tokenizer
 from trainer import LengthGroupedBatchSampler
+from tofu import load_tofu
 
 CPU = torch.device("cpu")
 

@@ -31,8 +31,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from dataloader import IGNORE_INDEX, QADataset, nll_loss
-from mask_generator import ATTRIBUTIONS, MEMFLEX_MICRO_BATCH, compute_scores, model_shape, select_top
-from models import family_config, load_model, load_tokenizer
+from mask_generator import ATTRIBUTIONS, MEMFLEX_MICRO_BATCH, compute_scores
+from masks import select_top
+from models import family_config, load_model, load_tokenizer, value_vector_shape
 
 BASELINE = "forward+backward"
 REFERENCE = "90aaa30"  # the last commit before issue 13's attribution changes
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     forget_rows, retain_rows = forget_retain_rows(args.data_path, args.forget_split, args.n_examples, args.seed)
     forget, retain = (QADataset.from_rows(rows, tokenizer, family, family["max_length"]) for rows in (forget_rows, retain_rows))
     loaders = [DataLoader(ds, batch_size=cfg["batch_size"], collate_fn=ds.collate) for ds in (forget, retain)]
-    n_layers, d_ff = model_shape(model)
+    n_layers, d_ff = value_vector_shape(model)
     n_tokens = sum(int((ds.collate(ds.items)["labels"] != IGNORE_INDEX).sum()) for ds in (forget, retain))
     print(f"model: {model_path} ({model.num_parameters():,} parameters, {n_layers} layers x {d_ff} value vectors)")
     print(f"data: {args.data_path}, {len(forget)} {args.forget_split} + {len(retain)} retain examples "

@@ -5,8 +5,8 @@
 
 Weights, gradients and optimizer state are the bytes of the code's own objects at the real shape, built on the
 meta device (shapes and dtypes, no storage): the model from its transformers config in bf16, the real mask
-(mask_generator's random_down + select_top at get_mask_tofu.yaml's ratio, applied by
-masking.apply_value_vector_mask) or LoRA (masking.apply_lora with the family's target modules), gradients shaped
+(mask_generator's random_down + masks.select_top at get_mask_tofu.yaml's ratio, applied by
+masking.MaskedValues) or LoRA (masking.apply_lora with the family's target modules), gradients shaped
 as autograd makes them (the parameter's shape and dtype), and torch.optim.AdamW as the trainer builds it, stepped
 once, its state read back.
 
@@ -50,11 +50,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM, LlamaConfig, Olmo2Config, PretrainedConfig
 
-from dataloader import IGNORE_INDEX, LOSSES, REF_NLL_KEY, get_loss, load_tofu
+from dataloader import IGNORE_INDEX, LOSSES, REF_NLL_KEY, get_loss
 from evaluator import score_answers
-from mask_generator import accumulate_statistics, compute_scores, mlp_modules, select_top
-from masking import MASKED_VALUES, apply_lora, apply_value_vector_mask
-from models import family_config
+from mask_generator import accumulate_statistics, compute_scores
+from masking import MaskedValues, apply_lora, masked_modules
+from masks import select_top
+from models import family_config, value_vectors
+from tofu import load_tofu
 
 # The published configs (config.json of meta-llama/Llama-3.1-8B-Instruct and allenai/OLMo-2-1124-7B-Instruct),
 # written from memory: neither is downloaded here. Llama-3.1's rope_scaling is left out; it moves no byte.
@@ -110,7 +112,7 @@ def make_trainable(model: nn.Module, path: str, family: str) -> tuple[nn.Module,
     if path == "full":
         return model, list(model.parameters())
     if path == "masked":
-        return model, apply_value_vector_mask(model, random_mask(model))
+        return model, MaskedValues(random_mask(model)).attach(model).parameters()
     lora = CONFIG["forget_tofu"]
     return apply_lora(model, LORA_R, lora["lora_alpha"], lora["lora_dropout"], family_config(family)["lora_target_modules"])
 
@@ -223,7 +225,7 @@ def statistics_per_down_weight(config: PretrainedConfig) -> float:
     model = build(config, "cpu")
     forget, retain = (synthetic_part(config.vocab_size, 1, 8) for _ in range(2))
     stats = accumulate_statistics(ATTRIBUTION, model, [forget], [retain], {"progress": False})
-    return tensor_bytes(stats.values()) / sum(m.down_proj.weight.numel() for m in mlp_modules(model))
+    return tensor_bytes(stats.values()) / sum(down.weight.numel() for down in value_vectors(model))
 
 
 def per_token_at_full_width(measure: Callable[[PretrainedConfig, int], Measure], config: PretrainedConfig,
@@ -328,7 +330,7 @@ def report(family: str, divisors: list[int], batch: int, seq_len: int) -> None:
                     weights, 0, 0, act, ev["generation_batch_size"] * max_len))
 
     # The attribution's down_proj gradients (model dtype) and statistics: bytes per down_proj weight as measured.
-    down = [m.down_proj.weight for m in mlp_modules(model)]
+    down = [d.weight for d in value_vectors(model)]
     per_weight = statistics_per_down_weight(narrow(config, divisors[-1]))
     act = activation(f"attribution {ATTRIBUTION}", lambda c, t: measure_attribution(c, batch, t))
     rows.append(Row(f"attribution {ATTRIBUTION}", "any", n_params, 0,
@@ -349,8 +351,8 @@ def report(family: str, divisors: list[int], batch: int, seq_len: int) -> None:
     families = {ref: sorted(n for n in LOSSES if reference_family(n) == ref) for ref in LOSS_FAMILIES}
     print("loss families: " + "; ".join(f"{ref}: {', '.join(names)}" for ref, names in families.items()))
 
-    values = [getattr(m, MASKED_VALUES) for m in masked.modules() if hasattr(m, MASKED_VALUES)]
-    indices = [m.mask_index for m in masked.modules() if hasattr(m, MASKED_VALUES)]
+    values = [m.masked_values for _, m in masked_modules(masked)]
+    indices = [m.mask_index for _, m in masked_modules(masked)]
     value_bytes = sum(v.numel() for v in values) * torch.empty((), dtype=torch.bfloat16).element_size()
     compact = value_bytes + tensor_bytes(indices)
     print(f"masked checkpoint on disk (bf16): compact {gib(compact)} GiB (masked values {gib(value_bytes)} + "

@@ -4,7 +4,7 @@
     python bench/bench_unlearn.py --data_path ../shared/data/tofu --loss npo --steps 30
 
 (a) One process trains two copies of the same model on the same batches with the same loss and AdamW: one with
-    only a random `--ratio` of the value vectors trainable (masking.apply_value_vector_mask), one with every
+    only a random `--ratio` of the value vectors trainable (masking.MaskedValues), one with every
     parameter.  Steps of the two alternate, so load from other jobs falls on both alike.
 (b) Two subprocesses (so their peaks do not mix) each load the model and run `--ref_steps` masked npo steps:
     one with the reference NLL cached once before training (what unlearn.py does for npo), one keeping a second
@@ -30,9 +30,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataloader import LossSpec, UnlearnDataset, get_loss, load_idk, sequence_nll
-from mask_generator import compute_scores, model_shape, select_top
-from masking import apply_value_vector_mask
-from models import family_config, load_model, load_tokenizer
+from mask_generator import compute_scores
+from masking import MaskedValues
+from masks import select_top
+from models import family_config, load_model, load_tokenizer, value_vector_shape
 from runtime import ConfigError
 from unlearn import reference_nll
 
@@ -97,7 +98,7 @@ class Setup:
     def masked(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         """A random mask of `ratio` of the value vectors (random_down + select_top, as generate_mask.py builds one)."""
         scores = compute_scores("random_down", model, None, None, {"seed": self.args.seed})
-        return apply_value_vector_mask(model, select_top(scores, self.args.ratio))
+        return MaskedValues(select_top(scores, self.args.ratio)).attach(model).parameters()
 
 
 class Run:
@@ -128,7 +129,7 @@ def masked_vs_full(args: argparse.Namespace) -> None:
     setup.cache_reference(full_model)
     # rt_diff's reference is a retain-trained model; any model of the same shape costs the same.
     ref_model = setup.load().eval().requires_grad_(False) if setup.spec.resident_ref else None
-    n_layers, d_ff = model_shape(full_model)
+    n_layers, d_ff = value_vector_shape(full_model)
     runs = {"masked": Run(setup, masked_model, setup.masked(masked_model), ref_model),
             "full": Run(setup, full_model, list(full_model.parameters()), ref_model)}
     batches = setup.batches()

@@ -25,8 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from dataloader import load_tofu, retain_split_for  # noqa: E402
 from models import resolve_model_path  # noqa: E402
+from tofu import load_tofu, retain_split_for  # noqa: E402
 
 # meta-llama/Llama-3.1-8B(-Instruct), embeddings and lm_head untied: for the at-scale lines of the reports.
 LLAMA31_8B_PARAMS = 8_030_261_248

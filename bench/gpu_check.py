@@ -5,7 +5,7 @@
 
 Prints one JSON line per check:
 - masked_npo (Llama-3.1-8B and OLMo-2-7B shapes): 1 + 3 npo steps on a 10% random mask, bf16 model with fp32
-  masked values (masking.apply_value_vector_mask, dataloader's npo, AdamW and clipping as trainer.train does them);
+  masked values (masking.MaskedValues, dataloader's npo, AdamW and clipping as trainer.train does them);
   peak memory, seconds per step, and the fraction of masked values changed at lr 1e-5 in the fp32 masters and in
   the bf16 checkpoint (masking.plain_state_dict).
 - full_deepspeed: one full-parameter step through trainer's DeepSpeed engine (config/ds_config.json, ZeRO-2, one
@@ -37,7 +37,7 @@ from bench_memory import ATTRIBUTION, CONFIG, SHAPES, build, narrow, random_mask
 from dataloader import REF_NLL_KEY, get_loss
 from evaluator import generate_answers, score_answers
 from mask_generator import compute_scores
-from masking import MASKED_VALUES, apply_value_vector_mask, plain_state_dict
+from masking import MASKED_VALUES, MaskedValues, masked_modules, plain_state_dict
 from models import family_config, load_tokenizer, tiny_model_path
 from trainer import TrainSettings, _deepspeed_engine
 
@@ -113,7 +113,7 @@ def timed_steps(step: Callable[[], None], steps: int, device: torch.device) -> f
 def check_masked_npo(family: str, sizes: Sizes, device: torch.device) -> dict[str, Any]:
     config = shape(family, sizes)
     model = on_device(config, device)
-    trainable = apply_value_vector_mask(model, random_mask(model))
+    trainable = MaskedValues(random_mask(model)).attach(model).parameters()
     before = [p.detach().clone() for p in trainable]  # fp32 copies of the bf16 values: exact
     spec, batch = get_loss("npo"), npo_batch(config, sizes, device)
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=family_config(family)["weight_decay"])
@@ -130,7 +130,7 @@ def check_masked_npo(family: str, sizes: Sizes, device: torch.device) -> dict[st
     n_masked = sum(p.numel() for p in trainable)
     moved = sum((b != p).sum().item() for b, p in zip(before, trainable)) / n_masked
     saved = plain_state_dict(model)
-    downs = [(n, m) for n, m in model.named_modules() if hasattr(m, MASKED_VALUES)]
+    downs = masked_modules(model)
     moved_saved = sum((saved[f"{n}.weight"][:, m.mask_index] != b.to(saved[f"{n}.weight"].dtype)).sum().item()
                       for (n, m), b in zip(downs, before)) / n_masked
     return {"parameters": sum(p.numel() for n, p in model.named_parameters() if not n.endswith(MASKED_VALUES)),

@@ -18,8 +18,8 @@ import generate_mask
 import unlearn
 from checkpoints import COMPACT_META, export, load_any_model, save_compact, starting_model_reference, weights_fingerprint
 from conftest import ROOT
-from mask_generator import load_mask
-from masking import apply_value_vector_mask, plain_state_dict
+from masking import MaskedValues, plain_state_dict
+from masks import load_mask
 from models import load_model, load_tokenizer
 from runtime import ConfigError, run_main
 
@@ -41,8 +41,8 @@ def _trained(theta_o: Path, seed: int, dtype: torch.dtype = torch.float32) -> to
     model = load_model(str(theta_o), CPU, dtype)
     generator = torch.Generator().manual_seed(seed)
     d_ff = model.config.intermediate_size
-    trainable = apply_value_vector_mask(model, [torch.randperm(d_ff, generator=generator)[: d_ff // 10]
-                                                for _ in range(model.config.num_hidden_layers)])
+    trainable = MaskedValues([torch.randperm(d_ff, generator=generator)[: d_ff // 10]
+                              for _ in range(model.config.num_hidden_layers)]).attach(model).parameters()
     with torch.no_grad():
         for p in trainable:
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)

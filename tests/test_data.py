@@ -6,9 +6,10 @@ import datetime
 import pytest
 import torch
 
-from dataloader import IGNORE_INDEX, TOFU_CONFIGS, UnlearnDataset, encode_qa, load_tofu, pad_batch, prompt_text
+from dataloader import IGNORE_INDEX, UnlearnDataset, encode_qa, pad_batch, prompt_text
 from models import family_config, load_tokenizer
 from runtime import ConfigError
+from tofu import TOFU_CONFIGS, load_tofu
 
 ROWS = {"full": 4000, "forget01": 40, "forget05": 200, "forget10": 400, "retain90": 3600, "retain95": 3800,
         "retain99": 3960, "holdout01": 40, "holdout05": 200, "holdout10": 400, "forget01_perturbed": 40,

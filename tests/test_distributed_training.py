@@ -111,7 +111,7 @@ UNEVEN = ("epochs=2", "batch_size=4", "grad_accum=2", "save_steps=2", "lr_schedu
 
 @pytest.fixture(scope="module")
 def uneven_runs(tiny_path, tmp_path_factory):
-    from mask_generator import save_mask
+    from masks import save_mask
 
     root = tmp_path_factory.mktemp("uneven")
     save_mask(root / "mask.pt", MASK, {"method": "hand", "n_layers": 2, "d_ff": 512})

@@ -24,10 +24,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import evaluator as E
 import metrics as M
-from dataloader import encode_qa, load_tofu
+from dataloader import encode_qa
 from eval_tofu import evaluate
 from models import family_config, load_model, load_tokenizer, tiny_model_path
 from runtime import ConfigError
+from tofu import load_tofu
 
 REPO = Path(__file__).resolve().parents[1]
 TOFU_DIR = Path(os.environ.get("TOFU_DIR", REPO / ".." / "shared" / "data" / "tofu"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from mask_generator import load_mask, save_mask
+from masks import load_mask, save_mask
 
 
 def _args(tiny_path: Path, root: Path, *extra: str) -> list[str]:
@@ -91,7 +91,8 @@ def test_shape_only_masks_load_no_weights(tiny_path, tmp_path, monkeypatch, extr
     from omegaconf import OmegaConf
 
     import generate_mask
-    from mask_generator import compute_scores, select_top
+    from mask_generator import compute_scores
+    from masks import select_top
     from models import load_model
 
     model = load_model(str(tiny_path), torch.device("cpu"))

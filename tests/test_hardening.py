@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 import generate_mask
 import unlearn
 from conftest import ROOT
-from mask_generator import save_mask
+from masks import save_mask
 from runtime import run_main
 
 TINY_MASK = [torch.tensor([0, 5]), torch.tensor([7])]

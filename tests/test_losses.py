@@ -18,7 +18,7 @@ from dataloader import (
     token_nll,
     token_nll_from_logits,
 )
-from masking import apply_lora, apply_value_vector_mask
+from masking import MaskedValues, apply_lora
 
 torch.set_num_threads(1)
 
@@ -204,7 +204,7 @@ def test_answer_only_head_equals_full_logits(wrap: str) -> None:
     """token_nll applies the LM head at answer positions only; values and gradients match the full-logit path."""
     model, batch = tiny_llama(), llama_part(5, batch_size=3)
     if wrap == "value_vector_mask":
-        trainable = apply_value_vector_mask(model, [torch.tensor([0, 5]), torch.tensor([3])])
+        trainable = MaskedValues([torch.tensor([0, 5]), torch.tensor([3])]).attach(model).parameters()
     elif wrap == "lora":
         model, trainable = apply_lora(model, r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
     else:

@@ -1,7 +1,6 @@
 """Tests for mask_generator.py on a tiny random Llama: every score is checked against a direct computation."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -9,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mask_generator as mg
+import masks
+from models import value_vector_shape, value_vectors
 
 N_LAYERS, D_MODEL, D_FF, VOCAB = 2, 16, 24, 50
 PROMPT = 4
@@ -76,7 +77,7 @@ def down_weights(model):
     return [layer.mlp.down_proj.weight for layer in model.model.layers]
 
 
-# --------------------------------------------------------------------------- registry / selection
+# --------------------------------------------------------------------------- registry
 
 
 def test_registry_has_all_methods():
@@ -85,54 +86,9 @@ def test_registry_has_all_methods():
         mg.get_attribution("nope")
 
 
-def test_model_shape(model):
-    assert mg.model_shape(model) == (N_LAYERS, D_FF)
-
-
-@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.25, 0.5, 1.0])
-def test_select_top_exact_counts(ratio):
-    scores = torch.rand(3, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sel = mg.select_top(scores, ratio)
-    assert sum(len(t) for t in sel) == round(ratio * 120)
-    chosen = {(l, int(i)) for l, t in enumerate(sel) for i in t}
-    others = [scores[l, i].item() for l in range(3) for i in range(40) if (l, i) not in chosen]
-    if others:
-        assert min(scores[l, i].item() for l, i in chosen) >= max(others)
-    per = mg.select_top(scores, ratio, per_layer=True)
-    assert [len(t) for t in per] == [round(ratio * 40)] * 3
-    for l, t in enumerate(per):
-        assert t.dtype == torch.int64 and torch.equal(t, torch.sort(t).values)
-        rest = [scores[l, i].item() for i in range(40) if i not in set(t.tolist())]
-        if rest:
-            assert scores[l, t].min().item() >= max(rest)
-
-
-def test_select_top_ties_and_bad_ratio():
-    scores = torch.zeros(2, 5)
-    assert [t.tolist() for t in mg.select_top(scores, 0.3)] == [[0, 1, 2], []]  # ties: lowest flat index first
-    assert [t.tolist() for t in mg.select_top(scores, 0.4, per_layer=True)] == [[0, 1], [0, 1]]
-    for bad in (0, -0.1, 1.5, float("nan"), "0.1", True):
-        with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\]"):
-            mg.select_top(scores, bad)
-    with pytest.raises(ValueError, match="selects 0 vectors"):
-        mg.select_top(scores, 0.01)
-    with pytest.raises(ValueError, match="NaN"):
-        mg.select_top(torch.tensor([[float("nan"), 1.0]]), 0.5)
-
-
-def test_random_complement():
-    target = [torch.tensor([0, 3, 5]), torch.tensor([], dtype=torch.long), torch.tensor([9])]
-    comp = mg.random_complement(target, d_ff=10, n_layers=3, count=12, seed=7)
-    assert sum(len(t) for t in comp) == 12
-    for t, c in zip(target, comp):
-        assert not set(t.tolist()) & set(c.tolist())
-        assert len(set(c.tolist())) == len(c) and all(0 <= i < 10 for i in c.tolist())
-    assert all(torch.equal(a, b) for a, b in zip(comp, mg.random_complement(target, 10, 3, 12, 7)))
-    assert not all(torch.equal(a, b) for a, b in zip(comp, mg.random_complement(target, 10, 3, 12, 8)))
-    full = mg.random_complement(target, 10, 3, 26, 0)  # everything that is left
-    assert sum(len(t) for t in full) == 26
-    with pytest.raises(ValueError, match="only 26"):
-        mg.random_complement(target, 10, 3, 27, 0)
+def test_value_vector_shape(model):
+    assert value_vector_shape(model) == (N_LAYERS, D_FF)
+    assert value_vectors(model) == [layer.mlp.down_proj for layer in model.model.layers]
 
 
 # --------------------------------------------------------------------------- mask files
@@ -141,11 +97,11 @@ def test_random_complement():
 def test_random_mask_bytes_deterministic(model, tmp_path):
     def make(seed, name):
         scores = mg.compute_scores("random_down", model, None, None, {"seed": seed})
-        idx = mg.select_top(scores, 0.25)
-        meta = mg.make_meta("random_down", "global", 0.25, seed, "tiny", N_LAYERS, D_FF, "forget10", "unit-test",
+        idx = masks.select_top(scores, 0.25)
+        meta = masks.make_meta("random_down", "global", 0.25, seed, "tiny", N_LAYERS, D_FF, "forget10", "unit-test",
                             {"seed": seed, "nested": {"a": (1, 2)}})
         path = tmp_path / name / "mask.pt"
-        mg.save_mask(path, idx, meta)
+        masks.save_mask(path, idx, meta)
         return path, idx
 
     p1, i1 = make(3, "a")
@@ -157,8 +113,8 @@ def test_random_mask_bytes_deterministic(model, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(i1, i3))
     assert not os.path.exists(str(p1) + ".tmp")
     raw = torch.load(p1, weights_only=True)
-    assert raw["format"] == mg.MASK_FORMAT and raw["meta"]["config"]["nested"]["a"] == [1, 2]
-    idx, meta = mg.load_mask(p1, n_layers=N_LAYERS, d_ff=D_FF)
+    assert raw["format"] == masks.MASK_FORMAT and raw["meta"]["config"]["nested"]["a"] == [1, 2]
+    idx, meta = masks.load_mask(p1, n_layers=N_LAYERS, d_ff=D_FF)
     assert all(torch.equal(a, b) for a, b in zip(idx, i1))
     assert meta["method"] == "random_down" and meta["n_selected"] == 12 and meta["d_ff"] == D_FF
 
@@ -166,48 +122,6 @@ def test_random_mask_bytes_deterministic(model, tmp_path):
 def test_mask_path():
     p = mg.mask_path("/m", "grad_down", "llama2", "forget10", "global", 0.1, 3)
     assert p == "/m/grad_down/llama2/TOFU/default/forget10/grad_down_mask_global_0.1_s3.pt"
-
-
-def test_load_mask_rejections(tmp_path):
-    good = [torch.tensor([1, 2]), torch.tensor([0])]
-    meta = mg.make_meta("x", "global", 0.1, 0, "fam", 2, D_FF, "forget10", "t")
-    path = tmp_path / "m.pt"
-    mg.save_mask(path, good, meta)
-    with pytest.raises(ValueError, match="has 2 layers but the model has 3"):
-        mg.load_mask(path, n_layers=3, d_ff=D_FF)
-    with pytest.raises(ValueError, match="d_ff=24 but the model has d_ff=32"):
-        mg.load_mask(path, n_layers=2, d_ff=32)
-    with pytest.raises(ValueError, match="mask file not found"):
-        mg.load_mask(tmp_path / "missing.pt")
-    data = path.read_bytes()
-    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="unreadable"):
-        mg.load_mask(tmp_path / "trunc.pt")
-    (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 50)
-    with pytest.raises(ValueError, match="unreadable"):
-        mg.load_mask(tmp_path / "junk.pt")
-    torch.save({"indices": good}, tmp_path / "notmask.pt")
-    with pytest.raises(ValueError, match="not a loc-unlearn mask"):
-        mg.load_mask(tmp_path / "notmask.pt")
-    torch.save([1, 2], tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="not a loc-unlearn mask"):
-        mg.load_mask(tmp_path / "list.pt")
-    raw = {"format": mg.MASK_FORMAT, "meta": {"d_ff": D_FF}}
-    torch.save({**raw, "indices": [torch.tensor([1, D_FF]), torch.tensor([0])]}, tmp_path / "range.pt")
-    with pytest.raises(ValueError, match=r"layer 0 has index 24 out of range \[0, 24\)"):
-        mg.load_mask(tmp_path / "range.pt")
-    torch.save({**raw, "indices": [torch.tensor([1]), torch.tensor([-1])]}, tmp_path / "neg.pt")
-    with pytest.raises(ValueError, match="out of range"):
-        mg.load_mask(tmp_path / "neg.pt")
-    torch.save({**raw, "indices": [torch.tensor([1, 4, 1]), torch.tensor([0])]}, tmp_path / "dup.pt")
-    with pytest.raises(ValueError, match=r"layer 0 has duplicated indices \[1\]"):
-        mg.load_mask(tmp_path / "dup.pt")
-    torch.save({**raw, "indices": [torch.tensor([0.5]), torch.tensor([0])]}, tmp_path / "float.pt")
-    with pytest.raises(ValueError, match="integer"):
-        mg.load_mask(tmp_path / "float.pt")
-    with pytest.raises(ValueError, match="duplicated"):
-        mg.save_mask(tmp_path / "bad.pt", [torch.tensor([2, 2]), torch.tensor([0])], meta)
-    assert not (tmp_path / "bad.pt").exists()
 
 
 # --------------------------------------------------------------------------- scores vs direct computations
@@ -332,15 +246,15 @@ def test_memflex_budget_and_threshold_rules(model):
     failing = [(l, i) for l in range(N_LAYERS) for i in range(D_FF) if cosine[l, i] >= mu]
     expected = sorted(passing, key=lambda v: -mag[v].item()) + sorted(failing, key=lambda v: cosine[v].item())
     k = len(passing) + 3
-    sel = mg.select_top(scores, k / (N_LAYERS * D_FF))
+    sel = masks.select_top(scores, k / (N_LAYERS * D_FF))
     got = {(l, int(i)) for l, t in enumerate(sel) for i in t}
     assert got == set(expected[:k])
-    sel_small = mg.select_top(scores, 3 / (N_LAYERS * D_FF))
+    sel_small = masks.select_top(scores, 3 / (N_LAYERS * D_FF))
     assert {(l, int(i)) for l, t in enumerate(sel_small) for i in t} == set(expected[:3])
     sigma = float(mag.median())
     thr = mg.compute_scores("memflex_down", model, FORGET, RETAIN, {**cfg, "memflex_rule": "threshold", "memflex_sigma": sigma})
     keep = {(l, i) for l, i in passing if mag[l, i] > sigma}
-    sel_thr = mg.select_top(thr, 1.0, finite_only=True)
+    sel_thr = masks.select_top(thr, 1.0, finite_only=True)
     assert {(l, int(i)) for l, t in enumerate(sel_thr) for i in t} == keep
     assert 0 < len(keep) < N_LAYERS * D_FF
 
@@ -507,26 +421,6 @@ def test_distributed_gloo_two_ranks_equal_one_process(tmp_path):
         assert torch.allclose(r0[name], full, rtol=1e-5, atol=1e-9), name
 
 
-# --------------------------------------------------------------------------- diagnostics
-
-
-def test_compare_and_cli(tmp_path, capsys):
-    a = [torch.tensor([0, 1, 2]), torch.tensor([5])]
-    b = [torch.tensor([1, 2]), torch.tensor([5, 6])]
-    comp = mg.compare_masks({"a": a, "b": b}, d_ff=10)
-    assert comp["jaccard"]["a"]["b"] == pytest.approx(3 / 5) and comp["jaccard"]["a"]["a"] == 1.0
-    assert comp["per_layer_fraction"]["a"] == [0.3, 0.1]
-    for name, idx in (("a", a), ("b", b)):
-        mg.save_mask(tmp_path / f"{name}.pt", idx, mg.make_meta(name, "global", 0.2, 0, "fam", 2, 10, "f", "t"))
-    out = tmp_path / "out"
-    assert mg.main(["compare", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "| a | 4 | 1.000 | 0.600 |" in printed
-    assert (out / "layer_distribution.png").read_bytes()[:4] == b"\x89PNG"
-    data = json.loads((out / "compare.json").read_text())
-    assert data["jaccard"]["b"]["a"] == pytest.approx(0.6)
-
-
 # --------------------------------------------------------------------------- cost at real scale
 
 
@@ -615,6 +509,6 @@ def test_ig_refuses_a_model_that_never_calls_its_layers():
 def test_random_down_from_the_config_alone(model):
     """Shape-only methods take the config in place of the model, with the same scores."""
     assert mg.SHAPE_ONLY == {"random_down"}
-    assert mg.model_shape(model.config) == mg.model_shape(model)
+    assert value_vector_shape(model.config) == value_vector_shape(model)
     assert torch.equal(mg.compute_scores("random_down", model.config, None, None, {"seed": 5}),
                        mg.compute_scores("random_down", model, None, None, {"seed": 5}))

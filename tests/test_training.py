@@ -16,10 +16,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from checkpoints import load_any_model
 from conftest import ROOT, run_script
-from dataloader import UnlearnDataset, get_loss, load_tofu
-from masking import apply_value_vector_mask, plain_state_dict
+from dataloader import UnlearnDataset, get_loss
+from masking import MaskedValues, plain_state_dict
 from models import build_tiny_model, family_config, load_model, load_tokenizer, model_families, tiny_model_path
 from trainer import TrainSettings, train
+from tofu import load_tofu
 
 SETTINGS = dict(lr=5e-3, weight_decay=0.1, epochs=1, batch_size=8, grad_accum=1, warmup_ratio=0.0,
                 lr_scheduler="constant", max_grad_norm=1.0, seed=0, save_checkpoint=False, save_steps=0,
@@ -127,7 +128,7 @@ def test_mask_locality_and_optimizer_state(tiny_path, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     d_ff = model.config.intermediate_size
     indices = [torch.tensor([0, 7, 100]), torch.tensor([3, d_ff - 1])]
-    trainable = apply_value_vector_mask(model, indices)
+    trainable = MaskedValues(indices).attach(model).parameters()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5 * model.config.hidden_size
     spec = get_loss("grad_diff")
     train(model, trainable, data, lambda m, b: spec(m, b, None, {"hyper_param": 1.0}), TrainSettings(**SETTINGS),
@@ -148,6 +149,30 @@ def test_mask_locality_and_optimizer_state(tiny_path, tmp_path):
     assert sum(t.numel() for s in state.values() for k, t in s.items() if k != "step") == 2 * 5 * model.config.hidden_size
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_values_remove_leaves_the_plain_trained_model(tiny_path, dtype):
+    """remove() writes the masters into their columns as a checkpoint would, and leaves no parameter or hook behind."""
+    model = load_model(str(tiny_path), torch.device("cpu"), dtype)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    mask = MaskedValues([torch.tensor([0, 7, 100]), torch.tensor([3])]).attach(model)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "model.layers.0.mlp.down_proj.masked_values", "model.layers.1.mlp.down_proj.masked_values"]
+    with torch.no_grad():
+        for p in mask.parameters():
+            p.add_(0.05)
+        masked_logits = model(ids).logits
+    expected = plain_state_dict(model)
+    mask.remove()
+    assert mask.parameters() == []
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items()) and set(model.state_dict()) == set(expected)
+    assert not any(m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, masked_logits, atol=0.05 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+    MaskedValues([torch.tensor([1]), torch.tensor([2])]).attach(model)  # the plain model takes a new mask
+    with pytest.raises(ValueError, match="already has a value-vector mask"):
+        MaskedValues([torch.tensor([1]), torch.tensor([2])]).attach(model)
+
 def _unlearn_args(tiny_path: Path, save_root: Path, *extra: str) -> list[str]:
     return ["unlearn.py", "model_family=tiny", f"model_path={tiny_path}", "data_path=synthetic", "forget_split=forget01",
             "forget_loss=grad_diff", "epochs=2", "batch_size=4", "save_steps=3", f"save_root={save_root}", *extra]
@@ -158,7 +183,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny_path, tmp_path, masked
     """Also for a masked run's compact checkpoints, which resume from the starting model and the saved values."""
     extra = []
     if masked:
-        from mask_generator import save_mask
+        from masks import save_mask
 
         save_mask(tmp_path / "mask.pt", [torch.arange(0, 512, 7), torch.arange(3, 512, 5)],
                   {"method": "hand", "n_layers": 2, "d_ff": 512})
@@ -277,8 +302,8 @@ def _train_at_small_lr(tiny_path, tmp_path, dtype: torch.dtype, kind: str):
     if kind == "mask":
         d_ff = model.config.intermediate_size
         generator = torch.Generator().manual_seed(0)
-        trainable = apply_value_vector_mask(model, [torch.randperm(d_ff, generator=generator)[: d_ff // 10]
-                                                    for _ in range(model.config.num_hidden_layers)])
+        trainable = MaskedValues([torch.randperm(d_ff, generator=generator)[: d_ff // 10]
+                                  for _ in range(model.config.num_hidden_layers)]).attach(model).parameters()
     else:
         model, trainable = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     before = [p.detach().clone() for p in trainable]
@@ -325,7 +350,7 @@ def test_bf16_masked_run_resumes_from_its_fp32_masters(tiny_path, tmp_path):
         state = load_resume_state(resume_from) if resume_from else None
         if resume_from:
             load_plain_weights(model, resume_from)
-        trainable = apply_value_vector_mask(model, indices)
+        trainable = MaskedValues(indices).attach(model).parameters()
         if state:
             restore_trainable(model, state)
         calls = []
