@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, OverrideParseException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -205,6 +205,8 @@ def error_line(err: Exception, keys: Sequence[str]) -> str:
     cause = err.__cause__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
         return unknown_key_line(str(cause.full_key), keys)
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse the overrides: {str(err).splitlines()[0]} (Hydra's override grammar)"
     detail = f": {str(cause.msg).splitlines()[0]}" if getattr(cause, "msg", None) else ""
     return " ".join(f"{str(err).splitlines()[0]}{detail}".split())
 
