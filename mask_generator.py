@@ -569,7 +569,7 @@ def _memflex_finalize(model, stats, cfg) -> torch.Tensor:
 
 MEMFLEX_KNOBS = (
     Knob("memflex_mu", 0.92, "kept: cosine(g_f, g_r) below μ"),
-    Knob("memflex_sigma", 6e-4, "kept: mean |g_f| above σ"),
+    Knob("memflex_sigma", 6e-4, "kept: mean absolute g_f above σ"),
     Knob("memflex_copies", 3, "random-label copies of each example"),
     Knob("memflex_rule", "budget", "budget: exactly round(ratio x total); threshold: the vectors passing both tests",
          choices=("budget", "threshold")),
@@ -787,7 +787,7 @@ _register_two_phase("ig_down", _ig_accumulate, _ig_finalize, [
     Knob("ig_alpha_batch", IG_ALPHA_BATCH, "α steps per forward+backward (copies of the batch); lower saves memory"),
     Knob("ig_mode", "layer", "layer: one layer scaled at a time; all: every layer along one path",
          choices=("layer", "all")),
-    Knob("ig_aggregate", "abs", "per-token attributions summed as |·|, signed, or positive part",
+    Knob("ig_aggregate", "abs", "per-token attributions summed as absolute values, signed, or positive parts",
          choices=("abs", "signed", "pos")),
 ])
 

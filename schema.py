@@ -250,14 +250,42 @@ def hydra_entry(main: Any, schema: type) -> None:
         main()
 
 
-def knob_table(rows: Iterable[tuple[str, Knob]], first: str) -> str:
-    """A markdown table of knobs, one row per (owner, knob): what the docs show and the tests compare."""
-    lines = [f"| {first} | key | default | meaning |", "|---|---|---|---|"]
-    for owner, knob in rows:
-        choices = f" ({' / '.join(knob.choices)})" if knob.choices else ""
-        lines.append(f"| `{owner}` | `{knob.name}` | {_yaml(knob.default)} | {knob.help}{choices} |")
+# ---- the docs' tables, rendered from the registries (`python schema.py docs`; tests/test_config.py compares) ----
+
+
+def attribution_table(knobs: Mapping[str, Sequence[Knob]]) -> str:
+    """docs/attribution.md's table: every method's knobs, with defaults and meanings."""
+    lines = ["| method | key | default | meaning |", "|---|---|---|---|"]
+    for method, own in knobs.items():
+        if not own:
+            lines.append(f"| `{method}` | – | – | no knob (`seed` only) |")
+        for knob in own:
+            choices = f" ({' / '.join(knob.choices)})" if knob.choices else ""
+            lines.append(f"| `{method}` | `{knob.name}` | {_yaml(knob.default)} | {knob.help}{choices} |")
+    return "\n".join(lines)
+
+
+def loss_table(specs: Iterable[Any]) -> str:
+    """docs/losses.md's table from LossSpecs: what `hyper_param` means per loss, and which read retain_weight."""
+    lines = ["| name | `hyper_param` | default | meaning | reads `retain_weight` | other knobs |", "|---|---|---|---|---|---|"]
+    for spec in specs:
+        hp = spec.hyper_param
+        cells = [hp.name, _yaml(hp.default), hp.help] if hp else ["–", "–", "(none: setting it is an error)"]
+        others = ", ".join(f"`{k.name}` ({_yaml(k.default)}: {k.help})" for k in spec.knobs if k.name != "retain_weight")
+        name = "rmu_<layer>" if spec.name == "rmu" else spec.name
+        lines.append(f"| `{name}` | {' | '.join(cells)} | {'yes' if spec.uses_retain_weight else 'no'} | {others or '–'} |")
     return "\n".join(lines)
 
 
 def _yaml(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["docs"]:
+        raise SystemExit("usage: python schema.py docs   # prints the knob tables of docs/losses.md and docs/attribution.md")
+    from dataloader import LOSSES  # the registries import torch; the CLI alone needs them
+    from mask_generator import ATTRIBUTION_KNOBS
+
+    print(f"docs/losses.md:\n\n{loss_table(LOSSES.values())}\n\ndocs/attribution.md:\n\n"
+          f"{attribution_table(ATTRIBUTION_KNOBS)}")
