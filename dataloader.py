@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from models import decoder_layers
 from runtime import ConfigError
+from schema import Knob, knob_values
 
 IGNORE_INDEX = -100
 REF_NLL_KEY = "ref_nll"
@@ -188,7 +189,9 @@ class LossSpec:
     cached_ref: parts whose per-sequence reference NLL (`part["ref_nll"]`, shape (B,)) the trainer
         precomputes once with the model before unlearning.
     resident_ref: whether `ref_model` must be a frozen model kept in memory during training.
-    default_hyper_param: the value of `hyper_param` when the config leaves it null (None: the loss has no knob).
+    hyper_param: what the config key `hyper_param` means for this loss (symbol, default when null, meaning);
+        None: the loss has no such knob.
+    knobs: the other config keys the loss reads (`retain_weight` for those whose retain term it weighs).
     layer: decoder layer for `rmu_<layer>`; None for every other loss.
     """
 
@@ -197,12 +200,31 @@ class LossSpec:
     parts: tuple[str, ...]
     cached_ref: tuple[str, ...] = ()
     resident_ref: bool = False
-    default_hyper_param: float | None = None
+    hyper_param: Knob | None = None
+    knobs: tuple[Knob, ...] = ()
     layer: int | None = None
+
+    @property
+    def default_hyper_param(self) -> float | None:
+        return None if self.hyper_param is None else self.hyper_param.default
+
+    @property
+    def uses_retain_weight(self) -> bool:
+        return RETAIN_WEIGHT in self.knobs
+
+    def resolve(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """`cfg` with this loss's knobs checked and, where absent (or `hyper_param` null), at their defaults."""
+        cfg = knob_values(self.knobs, cfg)
+        if self.hyper_param is not None:
+            value = cfg.get("hyper_param")
+            cfg["hyper_param"] = self.hyper_param.check(self.hyper_param.default if value is None else value,
+                                                        "hyper_param")
+        return cfg
 
     def __call__(
         self, model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]
     ) -> torch.Tensor:
+        cfg = self.resolve(cfg)
         if self.layer is not None:
             configured = cfg.get("rmu_layer")
             if configured is not None and int(configured) != self.layer:
@@ -212,20 +234,22 @@ class LossSpec:
 
 
 LOSSES: dict[str, LossSpec] = {}
+RETAIN_WEIGHT = Knob("retain_weight", 1.0, "weight w of the retain term")
 
 
 def register_loss(
     name: str, parts: tuple[str, ...], cached_ref: tuple[str, ...] = (), resident_ref: bool = False,
-    default_hyper_param: float | None = None,
+    hyper_param: Knob | None = None, uses_retain_weight: bool = False, knobs: Sequence[Knob] = (),
 ) -> Callable[[LossFn], LossFn]:
-    """Decorator adding `fn` to LOSSES under `name`."""
+    """Decorator adding `fn` to LOSSES under `name`, with the knobs it reads (each default stated here only)."""
     if not set(cached_ref) <= set(parts):
         raise ValueError(f"loss {name!r}: cached_ref {cached_ref} must be a subset of parts {parts}")
 
     def decorate(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = LossSpec(name, fn, tuple(parts), tuple(cached_ref), resident_ref, default_hyper_param)
+        own = (RETAIN_WEIGHT,) * uses_retain_weight + tuple(knobs)
+        LOSSES[name] = LossSpec(name, fn, tuple(parts), tuple(cached_ref), resident_ref, hyper_param, own)
         return fn
 
     return decorate
@@ -341,17 +365,8 @@ def _masked_token_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> t
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _cfg_float(cfg: Mapping[str, Any], key: str, default: float | None = None) -> float:
-    value = cfg.get(key)
-    if value is None:
-        if default is None:
-            raise ValueError(f"this loss needs cfg[{key!r}]")
-        return default
-    return float(value)
-
-
 def _beta(cfg: Mapping[str, Any]) -> float:
-    beta = _cfg_float(cfg, "hyper_param")
+    beta = cfg["hyper_param"]
     if beta <= 0:
         raise ValueError(f"hyper_param is the inverse temperature beta and must be > 0, got {beta}")
     return beta
@@ -372,10 +387,6 @@ def _resident(ref_model: nn.Module | None, loss: str) -> nn.Module:
     return ref_model
 
 
-def _retain_weight(cfg: Mapping[str, Any]) -> float:
-    return _cfg_float(cfg, "retain_weight", 1.0)
-
-
 # ---- losses ----
 
 
@@ -384,9 +395,9 @@ def learn_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg:
     return nll_loss(model, batch["forget"])
 
 
-@register_loss("learn_reg", parts=("forget", "retain"), default_hyper_param=1.0)
+@register_loss("learn_reg", parts=("forget", "retain"), hyper_param=Knob("λ", 1.0, "weight of the retain NLL"))
 def learn_reg_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
-    return nll_loss(model, batch["forget"]) + _cfg_float(cfg, "hyper_param") * nll_loss(model, batch["retain"])
+    return nll_loss(model, batch["forget"]) + cfg["hyper_param"] * nll_loss(model, batch["retain"])
 
 
 @register_loss("ga", parts=("forget",))
@@ -394,9 +405,9 @@ def ga_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Ma
     return -nll_loss(model, batch["forget"])
 
 
-@register_loss("grad_diff", parts=("forget", "retain"), default_hyper_param=1.0)
+@register_loss("grad_diff", parts=("forget", "retain"), hyper_param=Knob("λ", 1.0, "weight of the retain NLL"))
 def grad_diff_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
-    return -nll_loss(model, batch["forget"]) + _cfg_float(cfg, "hyper_param") * nll_loss(model, batch["retain"])
+    return -nll_loss(model, batch["forget"]) + cfg["hyper_param"] * nll_loss(model, batch["retain"])
 
 
 def retain_kl(model: nn.Module, ref_model: nn.Module, retain: Part) -> torch.Tensor:
@@ -411,49 +422,56 @@ def retain_kl(model: nn.Module, ref_model: nn.Module, retain: Part) -> torch.Ten
     return kl.sum() / mask.sum().clamp(min=1)
 
 
-@register_loss("kl", parts=("forget", "retain"), resident_ref=True, default_hyper_param=1.0)
+@register_loss("kl", parts=("forget", "retain"), resident_ref=True,
+               hyper_param=Knob("λ", 1.0, "weight of the retain KL"))
 def kl_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
     kl = retain_kl(model, _resident(ref_model, "kl"), batch["retain"])
-    return -nll_loss(model, batch["forget"]) + _cfg_float(cfg, "hyper_param") * kl
+    return -nll_loss(model, batch["forget"]) + cfg["hyper_param"] * kl
 
 
-@register_loss("learn_kl", parts=("forget", "retain"), resident_ref=True, default_hyper_param=1.0)
+@register_loss("learn_kl", parts=("forget", "retain"), resident_ref=True,
+               hyper_param=Knob("λ", 1.0, "weight of the retain KL"))
 def learn_kl_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
     # Injection that keeps the starting model's retain distributions, not only its retain answers.
     kl = retain_kl(model, _resident(ref_model, "learn_kl"), batch["retain"])
-    return nll_loss(model, batch["forget"]) + _cfg_float(cfg, "hyper_param") * kl
+    return nll_loss(model, batch["forget"]) + cfg["hyper_param"] * kl
 
 
-@register_loss("wga", parts=("forget", "retain"), default_hyper_param=1.0)
+@register_loss("wga", parts=("forget", "retain"), uses_retain_weight=True,
+               hyper_param=Knob("β", 1.0, "exponent of the token weights p_t^β"))
 def wga_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
     nll, mask = token_nll(model, batch["forget"])
     # Detached p_t^beta: tokens the model already finds unlikely stop driving the ascent.
-    weights = torch.exp(-nll).detach().pow(_cfg_float(cfg, "hyper_param"))
+    weights = torch.exp(-nll).detach().pow(cfg["hyper_param"])
     forget_term = -(weights * nll).sum() / mask.sum().clamp(min=1)
-    return forget_term + _retain_weight(cfg) * nll_loss(model, batch["retain"])
+    return forget_term + cfg["retain_weight"] * nll_loss(model, batch["retain"])
 
 
-@register_loss("npo", parts=("forget", "retain"), cached_ref=("forget",), default_hyper_param=0.1)
+@register_loss("npo", parts=("forget", "retain"), cached_ref=("forget",), uses_retain_weight=True,
+               hyper_param=Knob("β", 0.1, "inverse temperature"))
 def npo_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
     beta = _beta(cfg)
     nll = sequence_nll(model, batch["forget"])
     # log pi_theta - log pi_ref = ref_nll - nll
     forget_term = (2.0 / beta) * F.softplus(beta * (_ref_nll(batch, "forget", nll) - nll)).mean()
-    return forget_term + _retain_weight(cfg) * nll_loss(model, batch["retain"])
+    return forget_term + cfg["retain_weight"] * nll_loss(model, batch["retain"])
 
 
-@register_loss("simnpo", parts=("forget", "retain"), default_hyper_param=2.5)
+@register_loss("simnpo", parts=("forget", "retain"), uses_retain_weight=True,
+               hyper_param=Knob("β", 2.5, "inverse temperature"),
+               knobs=[Knob("simnpo_gamma", 0.0, "SimNPO reward margin γ")])
 def simnpo_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
     beta = _beta(cfg)
-    gamma = _cfg_float(cfg, "simnpo_gamma", 0.0)
+    gamma = cfg["simnpo_gamma"]
     nll, mask = token_nll(model, batch["forget"])
     mean_nll = nll.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
     # -(2/beta) log sigmoid(-(beta/|y|) log pi(y|x) - gamma) = (2/beta) softplus(gamma - beta * mean_nll)
     forget_term = (2.0 / beta) * F.softplus(gamma - beta * mean_nll).mean()
-    return forget_term + _retain_weight(cfg) * nll_loss(model, batch["retain"])
+    return forget_term + cfg["retain_weight"] * nll_loss(model, batch["retain"])
 
 
-@register_loss("dpo", parts=("forget", "idk", "retain"), cached_ref=("forget", "idk"), default_hyper_param=0.1)
+@register_loss("dpo", parts=("forget", "idk", "retain"), cached_ref=("forget", "idk"), uses_retain_weight=True,
+               hyper_param=Knob("β", 0.1, "inverse temperature"))
 def dpo_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
     beta = _beta(cfg)
     nll_forget = sequence_nll(model, batch["forget"])
@@ -461,15 +479,16 @@ def dpo_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: M
     win_logratio = _ref_nll(batch, "idk", nll_idk) - nll_idk
     lose_logratio = _ref_nll(batch, "forget", nll_forget) - nll_forget
     forget_term = (2.0 / beta) * F.softplus(-beta * (win_logratio - lose_logratio)).mean()
-    return forget_term + _retain_weight(cfg) * nll_loss(model, batch["retain"])
+    return forget_term + cfg["retain_weight"] * nll_loss(model, batch["retain"])
 
 
-@register_loss("idk", parts=("idk", "retain"))
+@register_loss("idk", parts=("idk", "retain"), uses_retain_weight=True)
 def idk_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
-    return nll_loss(model, batch["idk"]) + _retain_weight(cfg) * nll_loss(model, batch["retain"])
+    return nll_loss(model, batch["idk"]) + cfg["retain_weight"] * nll_loss(model, batch["retain"])
 
 
-@register_loss("rmu", parts=("forget", "retain"), resident_ref=True, default_hyper_param=20.0)
+@register_loss("rmu", parts=("forget", "retain"), resident_ref=True, uses_retain_weight=True,
+               hyper_param=Knob("c", 20.0, "norm of the control vector the forget activations are steered to"))
 def rmu_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
     if cfg.get("rmu_layer") is None:
         raise ValueError("rmu needs a layer: use the loss name rmu_<layer> or set cfg['rmu_layer']")
@@ -480,7 +499,7 @@ def rmu_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: M
     forget, retain = batch["forget"], batch["retain"]
 
     hidden = capture_outputs(model, forget, [layers[layer]])[0]
-    target = rmu_control_vector(hidden.shape[-1], _cfg_float(cfg, "hyper_param"), int(cfg.get("seed") or 0))
+    target = rmu_control_vector(hidden.shape[-1], cfg["hyper_param"], int(cfg.get("seed") or 0))
     forget_term = _masked_token_mse(hidden, target.to(hidden.device), forget["labels"] != IGNORE_INDEX)
 
     hidden = capture_outputs(model, retain, [layers[layer]])[0]
@@ -488,7 +507,7 @@ def rmu_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: M
         ref_model = _resident(ref_model, "rmu")
         ref_hidden = capture_outputs(ref_model, retain, [decoder_layers(ref_model)[layer]])[0].to(hidden.device)
     retain_term = _masked_token_mse(hidden, ref_hidden, retain["labels"] != IGNORE_INDEX)
-    return forget_term + _retain_weight(cfg) * retain_term
+    return forget_term + cfg["retain_weight"] * retain_term
 
 
 @register_loss("rt_diff", parts=("forget",), resident_ref=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import metrics as M
 from checkpoints import ModelSwitcher, load_any_model, local_model_dir
@@ -31,6 +31,7 @@ from evaluator import (HOLDOUT, MIA_KEYS, RETAIN_ES, SPLIT_DATA, SPLITS, EvalSet
 from models import family_config, load_tokenizer, resolve_model_path
 from runtime import (ConfigError, broadcast_object, check_writable, init_distributed, is_main, run_main,
                      seed_everything, setup_logging, write_json)
+from schema import EvalConfig, hydra_entry, register, to_dict, with_family_defaults
 from tofu import load_tofu
 
 log = logging.getLogger("loc_unlearn")
@@ -45,15 +46,16 @@ FORMAT_VERSION = 2
 # Files up to this size are fingerprinted by content; larger weight shards by size and modification time.
 HASHED_FILE_BYTES = 64 << 20
 RESULT_NAME = re.compile(r"eval_.*\.json")
+register("eval_tofu", EvalConfig)
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
     """The validated config with the family's max_length filled in and the splits in canonical order."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    family = family_config(c["model_family"])
+    c = to_dict(cfg)
+    c = with_family_defaults(c, family_config(c["model_family"]))
     if c["forget_split"] not in FORGET_SPLITS:
         raise ConfigError(f"unknown forget_split={c['forget_split']!r}; expected one of {list(FORGET_SPLITS)}")
-    splits = [c["splits"]] if isinstance(c["splits"], str) else list(c["splits"] or [])
+    splits = c["splits"]
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise ConfigError(f"splits={splits} must be a non-empty subset of {list(SPLITS)}")
@@ -64,15 +66,13 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     if c["es_convention"] not in M.ES_CONVENTIONS:
         raise ConfigError(f"es_convention={c['es_convention']!r}; expected one of {list(M.ES_CONVENTIONS)}")
     for key in ("batch_size", "generation_batch_size", "max_new_tokens"):
-        if not isinstance(c[key], int) or c[key] < 1:
+        if c[key] < 1:
             raise ConfigError(f"{key}={c[key]!r} must be a positive integer")
-    if c["max_samples"] is not None and (not isinstance(c["max_samples"], int) or c["max_samples"] < 1):
+    if c["max_samples"] is not None and c["max_samples"] < 1:
         raise ConfigError(f"max_samples={c['max_samples']!r} must be a positive integer or null")
     if c["retain_result"] and "forget" not in c["splits"]:
         raise ConfigError("retain_result gives forget quality, which needs `forget` in splits")
-    if not isinstance(c["mia"], bool):
-        raise ConfigError(f"mia={c['mia']!r} must be true or false")
-    if isinstance(c["mia_k"], bool) or not isinstance(c["mia_k"], (int, float)) or not 0 < c["mia_k"] <= 1:
+    if not 0 < c["mia_k"] <= 1:
         raise ConfigError(f"mia_k={c['mia_k']!r} must be a fraction in (0, 1]")
     if c["mia_reference_model"] and not (c["mia"] and "forget" in c["splits"]):
         raise ConfigError("mia_reference_model is for the reference attack: it needs mia=true and `forget` in splits")
@@ -82,7 +82,6 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     if len(model_paths(c)) > 1 and c["output_dir"]:
         raise ConfigError(f"output_dir={c['output_dir']} with {len(model_paths(c))} models; each writes into its own "
                           f"<model_path>/eval_results, so leave output_dir null")
-    c["max_length"] = c["max_length"] or family["max_length"]
     return c
 
 
@@ -286,4 +285,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main, EvalConfig)

@@ -11,30 +11,43 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 from transformers import AutoConfig, PretrainedConfig
 
 from checkpoints import load_any_model
 from dataloader import QADataset
-from mask_generator import ATTRIBUTIONS, SHAPE_ONLY, compute_scores, mask_path
+from mask_generator import ATTRIBUTION_KNOBS, ATTRIBUTIONS, SHAPE_ONLY, compute_scores, mask_path
 from masks import load_mask, make_meta, random_complement, save_mask, select_top
 from models import family_config, load_tokenizer, resolve_model_path, value_vector_shape
 from runtime import (ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything,
                      setup_logging, shard)
+from schema import (MaskConfig, foreign_knobs, hydra_entry, knob_values, register, to_dict, unique_knobs,
+                    with_family_defaults, with_knobs)
 from tofu import load_tofu, retain_split_for
 
 log = logging.getLogger("loc_unlearn")
 VARIANTS = ("normal", "random_complement")
+METHOD_KNOBS = unique_knobs(ATTRIBUTION_KNOBS.values())
+SCHEMA = with_knobs(MaskConfig, METHOD_KNOBS)
+register("get_mask_tofu", SCHEMA)
 
 
 def validate(c: dict[str, Any]) -> None:
     if c["attribution"] not in ATTRIBUTIONS:
         raise ConfigError(f"unknown attribution={c['attribution']!r}; expected one of {sorted(ATTRIBUTIONS)}")
+    try:
+        knob_values(METHOD_KNOBS, c)  # the choices, which the schema types as plain strings
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if unused := foreign_knobs(ATTRIBUTION_KNOBS[c["attribution"]], METHOD_KNOBS, c):
+        own = [k.name for k in ATTRIBUTION_KNOBS[c["attribution"]]]
+        raise ConfigError(f"{', '.join(unused)}: not read by attribution={c['attribution']}, which reads "
+                          f"{', '.join(own) or 'no knob'} (docs/attribution.md)")
     if c["variant"] not in VARIANTS:
         raise ConfigError(f"unknown variant={c['variant']!r}; expected one of {list(VARIANTS)}")
     ratio = c["ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+    if not 0 < ratio <= 1:
         raise ConfigError(f"ratio={ratio!r} must be a number in (0, 1]")
     if c["variant"] == "random_complement" and not c["target_mask_path"]:
         raise ConfigError("variant=random_complement needs target_mask_path=<mask to stay outside of>")
@@ -61,11 +74,11 @@ def sharded_loader(dataset: QADataset, batch_size: int) -> DataLoader:
 def generate(cfg: DictConfig) -> None:
     _, _, device = init_distributed()
     setup_logging()
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = to_dict(cfg)
     validate(c)
     seed_everything(c["seed"])
     family = family_config(c["model_family"])
-    c["max_length"] = c["max_length"] or family["max_length"]
+    c = with_family_defaults(c, family)
     c["retain_split"] = c["retain_split"] or retain_split_for(c["forget_split"])
     out = Path(mask_path(c["mask_root"], c["attribution"], c["model_family"], c["forget_split"], c["variant"],
                          c["ratio"], c["seed"]))
@@ -109,4 +122,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main, SCHEMA)

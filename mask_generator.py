@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ from transformers import PretrainedConfig
 from dataloader import IGNORE_INDEX, token_nll
 from models import decoder_layers, value_vector_shape, value_vectors
 from runtime import is_main
+from schema import Knob, knob_values
 
 Batch = Mapping[str, torch.Tensor]
 Stats = dict[str, torch.Tensor]
@@ -48,6 +50,7 @@ AttributionFn = Callable[[nn.Module, Iterable[Batch] | None, Iterable[Batch] | N
 
 __all__ = [
     "ATTRIBUTIONS",
+    "ATTRIBUTION_KNOBS",
     "SHAPE_ONLY",
     "STATISTICS",
     "accumulate_statistics",
@@ -59,6 +62,7 @@ __all__ = [
     "ig_token_attributions",
     "mask_path",
     "memflex_statistics",
+    "method_config",
     "merge_statistics",
     "register_attribution",
 ]
@@ -67,15 +71,20 @@ __all__ = [
 # --------------------------------------------------------------------------- registry
 
 ATTRIBUTIONS: dict[str, AttributionFn] = {}
+# The config keys each method reads besides seed; their defaults are stated here only (generate_mask.py's schema
+# takes them from here, docs/attribution.md's knob table is checked against them).
+ATTRIBUTION_KNOBS: dict[str, tuple[Knob, ...]] = {}
+PROGRESS = Knob("progress", True, "a progress bar over the batches (rank 0)")
 
 
-def register_attribution(name: str) -> Callable[[AttributionFn], AttributionFn]:
-    """Decorator adding ``fn`` to ``ATTRIBUTIONS`` under ``name``."""
+def register_attribution(name: str, knobs: Sequence[Knob] = ()) -> Callable[[AttributionFn], AttributionFn]:
+    """Decorator adding ``fn`` to ``ATTRIBUTIONS`` under ``name``, with the knobs it reads."""
 
     def decorate(fn: AttributionFn) -> AttributionFn:
         if name in ATTRIBUTIONS:
             raise ValueError(f"attribution {name!r} is already registered")
         ATTRIBUTIONS[name] = fn
+        ATTRIBUTION_KNOBS[name] = tuple(knobs)
         return fn
 
     return decorate
@@ -88,6 +97,12 @@ def get_attribution(name: str) -> AttributionFn:
         raise ValueError(f"unknown attribution {name!r}; available: {sorted(ATTRIBUTIONS)}") from None
 
 
+def method_config(name: str, cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``cfg`` with method ``name``'s knobs checked, the absent ones at their declared defaults."""
+    get_attribution(name)
+    return knob_values(ATTRIBUTION_KNOBS[name], cfg or {})
+
+
 def compute_scores(
     name: str,
     model: nn.Module,
@@ -96,7 +111,7 @@ def compute_scores(
     cfg: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Run the registered attribution ``name``; returns (n_layers, d_ff) float64 scores on CPU."""
-    return get_attribution(name)(model, forget_batches, retain_batches, dict(cfg or {}))
+    return get_attribution(name)(model, forget_batches, retain_batches, method_config(name, cfg))
 
 
 @dataclass(frozen=True)
@@ -115,12 +130,12 @@ def accumulate_statistics(
     cfg: Mapping[str, Any] | None = None,
 ) -> Stats:
     """Sums/counts of method ``name`` over the given batches only (no all-reduce)."""
-    return _stat_method(name).accumulate(model, forget_batches, retain_batches, dict(cfg or {}))
+    return _stat_method(name).accumulate(model, forget_batches, retain_batches, method_config(name, cfg))
 
 
 def finalize_statistics(name: str, model: nn.Module, stats: Stats, cfg: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Scores from (already merged / all-reduced) statistics."""
-    return _stat_method(name).finalize(model, stats, dict(cfg or {}))
+    return _stat_method(name).finalize(model, stats, method_config(name, cfg))
 
 
 def merge_statistics(*parts: Stats) -> Stats:
@@ -141,7 +156,7 @@ def _stat_method(name: str) -> StatMethod:
         raise ValueError(f"attribution {name!r} has no accumulate/finalize form; available: {sorted(STATISTICS)}") from None
 
 
-def _register_two_phase(name: str, accumulate, finalize) -> None:
+def _register_two_phase(name: str, accumulate, finalize, knobs: Sequence[Knob] = ()) -> None:
     STATISTICS[name] = StatMethod(accumulate, finalize)
 
     def run(model, forget_batches, retain_batches, cfg):
@@ -151,7 +166,7 @@ def _register_two_phase(name: str, accumulate, finalize) -> None:
 
     run.__name__ = f"{name}_scores"
     run.__doc__ = f"{name}: accumulate -> all_reduce -> finalize (see docs/attribution.md)."
-    register_attribution(name)(run)
+    register_attribution(name, (PROGRESS, *knobs))(run)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -212,7 +227,7 @@ def _progress(batches: Iterable[Batch], desc: str, cfg: Mapping[str, Any]) -> It
     from tqdm.auto import tqdm
 
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    return tqdm(batches, desc=desc, total=total, disable=not (bool(cfg.get("progress", True)) and is_main()))
+    return tqdm(batches, desc=desc, total=total, disable=not (cfg["progress"] and is_main()))
 
 
 def _require(batches: Iterable[Batch] | None, what: str, method: str) -> Iterable[Batch]:
@@ -232,30 +247,6 @@ def all_reduce_statistics(stats: Stats) -> Stats:
     return stats
 
 
-def _cfg_float(cfg: Mapping[str, Any], key: str, default: float) -> float:
-    value = cfg.get(key, default)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"cfg[{key!r}] must be a number, got {value!r}") from None
-
-
-def _cfg_int(cfg: Mapping[str, Any], key: str, default: int | None = None) -> int:
-    value = cfg.get(key, default)
-    if value is None:
-        raise ValueError(f"cfg[{key!r}] is required")
-    if isinstance(value, bool) or int(value) != value:
-        raise ValueError(f"cfg[{key!r}] must be an integer, got {value!r}")
-    return int(value)
-
-
-def _cfg_choice(cfg: Mapping[str, Any], key: str, default: str, choices: Sequence[str]) -> str:
-    value = str(cfg.get(key, default))
-    if value not in choices:
-        raise ValueError(f"cfg[{key!r}] must be one of {list(choices)}, got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------- random_down
 
 # Methods whose scores depend on (n_layers, d_ff) alone: they accept the model's config in place of the model,
@@ -269,7 +260,7 @@ def random_down(model: nn.Module | PretrainedConfig, forget_batches, retain_batc
     if cfg.get("seed") is None:
         raise ValueError("random_down needs cfg['seed']")
     n_layers, d_ff = value_vector_shape(model)
-    gen = torch.Generator().manual_seed(_cfg_int(cfg, "seed"))
+    gen = torch.Generator().manual_seed(int(cfg["seed"]))
     return torch.rand((n_layers, d_ff), generator=gen, dtype=torch.float64)
 
 
@@ -356,7 +347,7 @@ def _summed_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[tu
 
 
 def _loss_scale(stats: Stats, count_key: str, cfg: Mapping[str, Any]) -> torch.Tensor | float:
-    if _cfg_choice(cfg, "loss_reduction", "sum", ("sum", "mean")) == "sum":
+    if cfg["loss_reduction"] == "sum":
         return 1.0
     n = stats[count_key]
     if n.item() == 0:
@@ -374,7 +365,9 @@ def _grad_down_finalize(model, stats, cfg) -> torch.Tensor:
     return g.double().norm(dim=1).cpu()
 
 
-_register_two_phase("grad_down", _grad_down_accumulate, _grad_down_finalize)
+LOSS_REDUCTION = Knob("loss_reduction", "sum", "forget/retain NLL summed over answer tokens, or their mean",
+                      choices=("sum", "mean"))
+_register_two_phase("grad_down", _grad_down_accumulate, _grad_down_finalize, [LOSS_REDUCTION])
 
 
 def _wagle_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
@@ -384,7 +377,7 @@ def _wagle_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
 
 
 def _wagle_finalize(model, stats, cfg) -> torch.Tensor:
-    mu = _cfg_float(cfg, "wagle_mu", 1e-6)
+    mu = cfg["wagle_mu"]
     if mu <= 0:
         raise ValueError(f"cfg['wagle_mu'] must be > 0, got {mu}")
     sf = _loss_scale(stats, "n_tok_f", cfg)
@@ -398,7 +391,8 @@ def _wagle_finalize(model, stats, cfg) -> torch.Tensor:
     return torch.stack(out).cpu()
 
 
-_register_two_phase("wagle_down", _wagle_accumulate, _wagle_finalize)
+_register_two_phase("wagle_down", _wagle_accumulate, _wagle_finalize,
+                    [Knob("wagle_mu", 1e-6, "μ of the retain-gradient step θ − g_r/μ"), LOSS_REDUCTION])
 
 
 # --------------------------------------------------------------------------- MemFlex (Tian et al., 2024)
@@ -436,8 +430,8 @@ def corrupt_answers(batch: Batch, vocab_size: int, seed: int, copy: int, corrupt
 
 
 def _memflex_vocab(model: nn.Module, cfg: Mapping[str, Any]) -> int:
-    if cfg.get("memflex_vocab_size") is not None:
-        return _cfg_int(cfg, "memflex_vocab_size")
+    if cfg["memflex_vocab_size"] is not None:
+        return cfg["memflex_vocab_size"]
     return int(model.get_input_embeddings().weight.shape[0])
 
 
@@ -445,14 +439,14 @@ MEMFLEX_MICRO_BATCH = 2  # examples per backward: at batch 8, 2 held the wide be
 
 
 def _memflex_loss_terms(cfg: Mapping[str, Any], vocab: int) -> LossTerms:
-    seed = _cfg_int(cfg, "seed", 0)
-    copies = _cfg_int(cfg, "memflex_copies", 3)
+    seed = int(cfg["seed"])
+    copies = cfg["memflex_copies"]
     if copies < 1:
         raise ValueError(f"cfg['memflex_copies'] must be >= 1, got {copies}")
-    micro = _cfg_int(cfg, "memflex_micro_batch", MEMFLEX_MICRO_BATCH)
+    micro = cfg["memflex_micro_batch"]
     if micro < 1:
         raise ValueError(f"cfg['memflex_micro_batch'] must be >= 1, got {micro}")
-    corrupt_inputs = bool(cfg.get("memflex_corrupt_inputs", True))
+    corrupt_inputs = cfg["memflex_corrupt_inputs"]
 
     def loss_terms(model: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for c in range(copies):
@@ -517,9 +511,7 @@ def _memflex_stats_from(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _memflex_finalize(model, stats, cfg) -> torch.Tensor:
     cosine, mag = _memflex_stats_from(stats)
-    mu = _cfg_float(cfg, "memflex_mu", 0.92)
-    sigma = _cfg_float(cfg, "memflex_sigma", 6e-4)
-    rule = _cfg_choice(cfg, "memflex_rule", "budget", ("budget", "threshold"))
+    mu, sigma, rule = cfg["memflex_mu"], cfg["memflex_sigma"], cfg["memflex_rule"]
     passing = cosine < mu
     if rule == "threshold":
         keep = passing & (mag > sigma)
@@ -528,13 +520,23 @@ def _memflex_finalize(model, stats, cfg) -> torch.Tensor:
     return torch.where(passing, 3.0 + mag, 1.0 - cosine)
 
 
-_register_two_phase("memflex_down", _memflex_accumulate, _memflex_finalize)
+MEMFLEX_KNOBS = (
+    Knob("memflex_mu", 0.92, "kept: cosine(g_f, g_r) below μ"),
+    Knob("memflex_sigma", 6e-4, "kept: mean absolute g_f above σ"),
+    Knob("memflex_copies", 3, "random-label copies of each example"),
+    Knob("memflex_rule", "budget", "budget: exactly round(ratio x total); threshold: the vectors passing both tests",
+         choices=("budget", "threshold")),
+    Knob("memflex_vocab_size", None, "random labels drawn from [0, this); null: the input-embedding size", type=int),
+    Knob("memflex_corrupt_inputs", True, "random labels also written into input_ids (false: labels only)"),
+    Knob("memflex_micro_batch", MEMFLEX_MICRO_BATCH, "examples per backward (memory, not results)"),
+)
+_register_two_phase("memflex_down", _memflex_accumulate, _memflex_finalize, MEMFLEX_KNOBS)
 
 
 def memflex_statistics(model: nn.Module, forget_batches: Iterable[Batch], retain_batches: Iterable[Batch],
                        cfg: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cosine(g_f, g_r), mean |g_f|), each (n_layers, d_ff) float64, per value vector (all-reduced when distributed)."""
-    cfg = dict(cfg or {})
+    cfg = method_config("memflex_down", cfg)
     stats = all_reduce_statistics(_memflex_accumulate(model, forget_batches, retain_batches, cfg))
     return _memflex_stats_from(stats)
 
@@ -711,10 +713,7 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
 
 def _ig_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
     forget_batches = _require(forget_batches, "forget", "ig_down")
-    steps = _cfg_int(cfg, "ig_steps", 20)
-    alpha_batch = _cfg_int(cfg, "ig_alpha_batch", IG_ALPHA_BATCH)
-    mode = _cfg_choice(cfg, "ig_mode", "layer", ("layer", "all"))
-    agg = _cfg_choice(cfg, "ig_aggregate", "abs", ("abs", "signed", "pos"))
+    steps, alpha_batch, mode, agg = (cfg[k] for k in ("ig_steps", "ig_alpha_batch", "ig_mode", "ig_aggregate"))
     n_layers, d_ff = value_vector_shape(model)
     device = _device(model)
     attr_sum = torch.zeros(n_layers, d_ff, dtype=torch.float64, device=device)
@@ -736,7 +735,14 @@ def _ig_finalize(model, stats, cfg) -> torch.Tensor:
     return (stats["attr_sum"] / stats["n_tok"]).cpu()
 
 
-_register_two_phase("ig_down", _ig_accumulate, _ig_finalize)
+_register_two_phase("ig_down", _ig_accumulate, _ig_finalize, [
+    Knob("ig_steps", 20, "α steps of the Riemann sum"),
+    Knob("ig_alpha_batch", IG_ALPHA_BATCH, "α steps per forward+backward (copies of the batch); lower saves memory"),
+    Knob("ig_mode", "layer", "layer: one layer scaled at a time; all: every layer along one path",
+         choices=("layer", "all")),
+    Knob("ig_aggregate", "abs", "per-token attributions summed as absolute values, signed, or positive parts",
+         choices=("abs", "signed", "pos")),
+])
 
 
 def _fmt_ratio(ratio: Any) -> str:
@@ -749,3 +755,14 @@ def mask_path(mask_root: str | os.PathLike, attribution: str, model_family: str,
     (ratio written as repr(float(ratio)), e.g. 0.1 -> "0.1", 1 -> "1.0")."""
     name = f"{attribution}_mask_{variant}_{_fmt_ratio(ratio)}_s{seed}.pt"
     return os.path.join(os.fspath(mask_root), attribution, model_family, "TOFU", "default", forget_split, name)
+
+
+if __name__ == "__main__":
+    # Here, not in schema.py: printing the tables needs both registries, and schema.py sits below them.
+    if sys.argv[1:] != ["knobs"]:
+        raise SystemExit("usage: python mask_generator.py knobs   # the knob tables of docs/losses.md and docs/attribution.md")
+    from dataloader import LOSSES
+    from schema import attribution_table, loss_table
+
+    print(f"docs/losses.md:\n\n{loss_table(LOSSES.values())}\n\ndocs/attribution.md:\n\n"
+          f"{attribution_table(ATTRIBUTION_KNOBS)}")

@@ -12,31 +12,30 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from checkpoints import SAVE_FORMATS, load_any_model, load_plain_weights, save_compact, starting_model_reference
-from dataloader import UnlearnDataset, get_loss, load_idk, sequence_nll
+from dataloader import LOSSES, LossSpec, UnlearnDataset, get_loss, load_idk, sequence_nll
 from masking import MaskedValues, apply_lora, base_model, plain_state_dict
 from masks import load_mask
 from models import DTYPES, family_config, load_tokenizer, resolve_model_path, resolve_precision, value_vector_shape
 from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
+from schema import UnlearnConfig, foreign_knobs, hydra_entry, register, to_dict, unique_knobs, with_family_defaults, with_knobs
 from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, checkpoints, find_final, load_resume_state,
                      restore_trainable, train)
 from tofu import load_tofu, retain_split_for
 
 log = logging.getLogger("loc_unlearn")
 
-FAMILY_DEFAULTS = ("lr", "weight_decay", "epochs", "batch_size", "grad_accum", "warmup_ratio", "max_length",
-                   "group_by_length")
+LOSS_KNOBS = unique_knobs(spec.knobs for spec in LOSSES.values())
+SCHEMA = with_knobs(UnlearnConfig, LOSS_KNOBS)
+register("forget_tofu", SCHEMA)
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
     """The config with the family's defaults filled in and the derived keys set."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    family = family_config(c["model_family"])
-    for key in FAMILY_DEFAULTS:
-        if c[key] is None:
-            c[key] = family[key]
+    c = to_dict(cfg)
+    c = with_family_defaults(c, family_config(c["model_family"]))
     c["retain_split"] = c["retain_split"] or retain_split_for(c["forget_split"])
     c.update(absolute_paths(c))
     if c["idk_path"] is None and c["data_path"] not in (None, "synthetic"):
@@ -51,6 +50,21 @@ PATH_KEYS = ("data_path", "idk_path", "model_path", "mask_path", "retain_model_p
 def absolute_paths(c: dict[str, Any]) -> dict[str, Any]:
     """Existing local paths made absolute, so one run is recognised whatever directory it was started from."""
     return {k: str(Path(c[k]).resolve()) for k in PATH_KEYS if c.get(k) and Path(c[k]).exists()}
+
+
+def resolve_loss_knobs(spec: LossSpec, c: dict[str, Any]) -> dict[str, Any]:
+    """`c` with the loss's knobs at their declared defaults where unset; a knob the loss would ignore, set away
+    from its default, is an error rather than a silent no-op (e.g. retain_weight for grad_diff, whose retain term
+    hyper_param weighs)."""
+    unused = foreign_knobs(spec.knobs, LOSS_KNOBS, c)
+    if spec.hyper_param is None and c["hyper_param"] is not None:
+        unused.insert(0, f"hyper_param={c['hyper_param']!r}")
+    if unused:
+        reads = [f"hyper_param ({spec.hyper_param.name}: {spec.hyper_param.help})"] if spec.hyper_param else []
+        reads += [k.name for k in spec.knobs]
+        raise ConfigError(f"{', '.join(unused)}: not read by forget_loss={spec.name}, which reads "
+                          f"{', '.join(reads) or 'no knob'} (docs/losses.md)")
+    return spec.resolve(c)
 
 
 def run_dir(c: dict[str, Any], world_size: int) -> Path:
@@ -102,10 +116,7 @@ def unlearn(cfg: DictConfig) -> None:
     c = resolve(cfg)
     seed_everything(c["seed"])
     spec = get_loss(c["forget_loss"])
-    if c["hyper_param"] is None:
-        c["hyper_param"] = spec.default_hyper_param
-    elif not isinstance(c["hyper_param"], (int, float)) or isinstance(c["hyper_param"], bool):
-        raise ConfigError(f"hyper_param={c['hyper_param']!r} must be a number")
+    c = resolve_loss_knobs(spec, c)
     if c["deepspeed"] and not Path(c["deepspeed"]).is_file():
         raise ConfigError(f"deepspeed={c['deepspeed']} does not exist; expected a DeepSpeed JSON (config/ds_config.json)")
     if c["mask_path"] and c["lora_r"] > 0:
@@ -173,7 +184,7 @@ def unlearn(cfg: DictConfig) -> None:
     if resume_state is not None and resume_state["trainable"]:
         restore_trainable(model, resume_state)
 
-    loss_cfg = {k: c[k] for k in ("hyper_param", "retain_weight", "simnpo_gamma", "seed")}
+    loss_cfg = {k: c[k] for k in ("hyper_param", "seed", *(knob.name for knob in spec.knobs))}
 
     def save_checkpoint(path: Path) -> None:
         if starting is not None:
@@ -204,4 +215,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main, SCHEMA)

@@ -31,9 +31,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from dataloader import IGNORE_INDEX, QADataset, nll_loss
-from mask_generator import ATTRIBUTIONS, MEMFLEX_MICRO_BATCH, compute_scores
+from mask_generator import ATTRIBUTION_KNOBS, ATTRIBUTIONS, compute_scores
 from masks import select_top
 from models import family_config, load_model, load_tokenizer, value_vector_shape
+from schema import unique_knobs
 
 BASELINE = "forward+backward"
 REFERENCE = "90aaa30"  # the last commit before issue 13's attribution changes
@@ -44,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, n_examples=64)
     p.add_argument("--batch_size", type=int, default=None, help="default: get_mask_tofu.yaml's batch_size")
-    p.add_argument("--ig_steps", type=int, default=None, help="default: get_mask_tofu.yaml's ig_steps")
+    p.add_argument("--ig_steps", type=int, default=None, help="default: ig_down's declared ig_steps")
     p.add_argument("--repeats", type=int, default=3, help="rounds of baseline + every method; the best round counts")
     p.add_argument("--methods", nargs="+", default=sorted(ATTRIBUTIONS), choices=sorted(ATTRIBUTIONS),
                    metavar="METHOD", help=f"attribution methods to time (default: all of {sorted(ATTRIBUTIONS)})")
@@ -67,6 +68,7 @@ def method_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "config" / "get_mask_tofu.yaml"))
     cfg.pop("hydra")
     cfg.pop("defaults")
+    cfg.update({knob.name: knob.default for knob in unique_knobs(ATTRIBUTION_KNOBS.values())})
     cfg.update(seed=args.seed, progress=False)
     if args.batch_size is not None:
         cfg["batch_size"] = args.batch_size
@@ -180,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {args.data_path}, {len(forget)} {args.forget_split} + {len(retain)} retain examples "
           f"({n_tokens} answer tokens), batch_size {cfg['batch_size']}, ig_steps {cfg['ig_steps']}, "
           f"memflex_copies {cfg['memflex_copies']}, "
-          f"memflex_micro_batch {cfg.get('memflex_micro_batch', MEMFLEX_MICRO_BATCH)}, ig_alpha_batch {cfg['ig_alpha_batch']}")
+          f"memflex_micro_batch {cfg['memflex_micro_batch']}, ig_alpha_batch {cfg['ig_alpha_batch']}")
     if args.wide is not None:
         wide_memory(args, cfg, loaders, len(tokenizer))
         return 0

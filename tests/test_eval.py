@@ -502,7 +502,7 @@ def test_mia_off_changes_nothing_else_and_the_reference_attack_subtracts_the_ref
 
 def test_mia_config_errors(model_dirs, tmp_path):
     args = (f"model_path={model_dirs[0]}", f"output_dir={tmp_path}", *SMALL, "splits=[forget]", "max_new_tokens=2")
-    with pytest.raises(ConfigError, match="mia_k=0 must be a fraction"):
+    with pytest.raises(ConfigError, match="mia_k=0.0 must be a fraction"):
         run_eval(*args, "mia_k=0")
     with pytest.raises(ConfigError, match="mia_reference_model is for the reference attack"):
         run_eval(*args, "mia=false", f"mia_reference_model={model_dirs[1]}")

@@ -64,7 +64,7 @@ def test_complement_is_disjoint_and_same_size(tiny_path, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("ratio=1.5", "ratio=1.5 must be a number in (0, 1]"),
-    ("ratio=0", "ratio=0 must be a number in (0, 1]"),
+    ("ratio=0", "ratio=0.0 must be a number in (0, 1]"),
     ("attribution=saliency", "unknown attribution='saliency'"),
     ("variant=inverse", "unknown variant='inverse'"),
     ("variant=random_complement", "needs target_mask_path"),

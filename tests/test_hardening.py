@@ -2,6 +2,7 @@
 tests/test_training.py and tests/test_generate_mask.py check the same path through real subprocesses."""
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -15,14 +16,17 @@ import unlearn
 from conftest import ROOT
 from masks import save_mask
 from runtime import run_main
+from schema import one_line_errors, schema_keys
 
 TINY_MASK = [torch.tensor([0, 5]), torch.tensor([7])]
 
 
 def _run(entry, config: str, overrides: list[str], capsys) -> tuple[int, str]:
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        cfg = compose(config_name=config, overrides=overrides)
+    """What `python <entry>.py *overrides` prints last on stderr, and its exit status."""
     with pytest.raises(SystemExit) as exit_info:
+        with one_line_errors(schema_keys(inspect.getmodule(entry).SCHEMA)):
+            with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+                cfg = compose(config_name=config, overrides=overrides)
         run_main(lambda: entry(cfg))
     err = capsys.readouterr().err.strip().splitlines()
     return exit_info.value.code, err[-1] if err else ""
@@ -71,7 +75,12 @@ def test_bad_mask_files(base, tmp_path, capsys, kind, message):
     ("model_family=gpt5", "unknown model_family='gpt5'"),
     ("forget_split=forget50", "unknown TOFU split 'forget50'"),
     ("retain_split=retain50", "unknown TOFU split 'retain50'"),
-    ("hyper_param=big", "hyper_param='big' must be a number"),
+    ("hyper_param=big", "override hyper_param=big: Value 'big' of type 'str' could not be converted to Float"),
+    ("lrr=1", "unknown key 'lrr' (did you mean lr?)"),
+    ("forget_loss=grad_diff retain_weight=2", "retain_weight=2.0: not read by forget_loss=grad_diff, which reads "
+                                              "hyper_param (λ: weight of the retain NLL)"),
+    ("forget_loss=learn hyper_param=3", "hyper_param=3.0: not read by forget_loss=learn, which reads no knob"),
+    ("forget_loss=npo simnpo_gamma=1", "simnpo_gamma=1.0: not read by forget_loss=npo"),
     ("model_path=/etc", "model_path=/etc is not a model directory"),
     ("save_root=/etc/hostname/runs", "/etc/hostname is not a directory"),
     ("deepspeed=missing.json", "deepspeed=missing.json does not exist"),
@@ -80,7 +89,7 @@ def test_bad_mask_files(base, tmp_path, capsys, kind, message):
     ("save_format=compact", "save_format=compact holds the masked values only, so it needs mask_path"),
 ])
 def test_bad_unlearn_config(base, tmp_path, capsys, override, message):
-    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, override], capsys)
+    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, *override.split()], capsys)
     assert code == 2 and line.startswith("error:") and message in line
     assert not list((tmp_path / "runs").rglob("checkpoint-*"))
 
@@ -109,7 +118,9 @@ def test_bad_data_directory(base, tofu_dir, tmp_path, capsys):
 @pytest.mark.parametrize("override, message", [
     ("ratio=1.01", "ratio=1.01 must be a number in (0, 1]"),
     ("ratio=-0.1", "ratio=-0.1 must be a number in (0, 1]"),
-    ("ratio=all", "ratio='all' must be a number in (0, 1]"),
+    ("ratio=all", "override ratio=all: Value 'all' of type 'str' could not be converted to Float"),
+    ("memflex_rule=strict", "memflex_rule='strict'; expected one of ['budget', 'threshold']"),
+    ("ig_steps=2", "ig_steps=2: not read by attribution=activation, which reads progress (docs/attribution.md)"),
     ("attribution=magic", "unknown attribution='magic'"),
     ("variant=opposite", "unknown variant='opposite'"),
     ("target_mask_path=nowhere.pt", "target_mask_path=nowhere.pt does not exist"),

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first. A new module goes into the lowest layer above everything it imports.
 LAYERS: list[tuple[str, ...]] = [
-    ("runtime", "synthetic_tofu"),
+    ("runtime", "synthetic_tofu", "schema"),
     ("metrics", "tofu"),
     ("models",),
     ("masks",),
