@@ -17,7 +17,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from checkpoints import load_any_model
 from dataloader import QADataset, load_tofu, retain_split_for
-from mask_generator import (ATTRIBUTIONS, SHAPE_ONLY, compute_scores, load_mask, make_meta, mask_path, model_shape,
+from layout import mask_path
+from mask_generator import (ATTRIBUTIONS, SHAPE_ONLY, compute_scores, load_mask, make_meta, model_shape,
                             random_complement, save_mask, select_top)
 from models import family_config, load_tokenizer, resolve_model_path
 from runtime import (ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything,

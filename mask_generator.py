@@ -68,7 +68,6 @@ __all__ = [
     "jaccard_markdown",
     "load_mask",
     "make_meta",
-    "mask_path",
     "memflex_statistics",
     "merge_statistics",
     "mlp_modules",
@@ -986,18 +985,6 @@ def load_mask(path: str | os.PathLike, n_layers: int | None = None, d_ff: int | 
         raise ValueError(f"mask {path} was generated for d_ff={meta_d_ff} but the model has d_ff={d_ff} "
                          f"(model_family={family!r})")
     return _check_indices(indices, f"mask {path}", None, d_ff if d_ff is not None else meta_d_ff), meta
-
-
-def _fmt_ratio(ratio: Any) -> str:
-    return ratio if isinstance(ratio, str) else repr(float(ratio))
-
-
-def mask_path(mask_root: str | os.PathLike, attribution: str, model_family: str, forget_split: str, variant: str,
-              ratio: float | str, seed: int) -> str:
-    """{mask_root}/{attribution}/{model_family}/TOFU/default/{forget_split}/{attribution}_mask_{variant}_{ratio}_s{seed}.pt
-    (ratio written as repr(float(ratio)), e.g. 0.1 -> "0.1", 1 -> "1.0")."""
-    name = f"{attribution}_mask_{variant}_{_fmt_ratio(ratio)}_s{seed}.pt"
-    return os.path.join(os.fspath(mask_root), attribution, model_family, "TOFU", "default", forget_split, name)
 
 
 # --------------------------------------------------------------------------- diagnostics

@@ -163,11 +163,6 @@ def test_random_mask_bytes_deterministic(model, tmp_path):
     assert meta["method"] == "random_down" and meta["n_selected"] == 12 and meta["d_ff"] == D_FF
 
 
-def test_mask_path():
-    p = mg.mask_path("/m", "grad_down", "llama2", "forget10", "global", 0.1, 3)
-    assert p == "/m/grad_down/llama2/TOFU/default/forget10/grad_down_mask_global_0.1_s3.pt"
-
-
 def test_load_mask_rejections(tmp_path):
     good = [torch.tensor([1, 2]), torch.tensor([0])]
     meta = mg.make_meta("x", "global", 0.1, 0, "fam", 2, D_FF, "forget10", "t")
