@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,10 @@ from typing import Any
 import numpy as np
 
 import metrics as M
-from runtime import ConfigError, atomic_path, run_main, write_json
+from io_utils import ConfigError, atomic_path, run_main, write_json
+from layout import RUN_CONFIG, checkpoints, eval_path
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 THETA_O = "theta_o"
-RUN_CONFIG = "run_config.json"
 CSV_FIELDS = ("name", "run_dir", "seed", "aues", "mu95", "chosen_checkpoint", "final_fs", "final_rs", "final_mu",
               "final_fq", "final_log10fq", "final_privleak", "n_checkpoints")
 RS_FS_PLOT = "rs_fs.png"
@@ -32,17 +30,6 @@ MU_FQ_PLOT = "mu_fq.png"
 PRIVLEAK_PLOT = "privleak_rs.png"
 
 Trajectory = list[tuple[str, int, dict[str, Any]]]
-
-
-def eval_path(model_dir: str | os.PathLike, forget_split: str) -> Path:
-    """Where eval_tofu.py writes a model's results."""
-    return Path(model_dir) / "eval_results" / f"eval_{forget_split}.json"
-
-
-def checkpoint_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """The run's checkpoint-<step> directories, by step as a number (checkpoint-10 after checkpoint-9)."""
-    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found)
 
 
 def _summary(path: Path, missing_hint: str) -> dict[str, Any]:
@@ -57,12 +44,12 @@ def load_trajectory(run_dir: str | os.PathLike, theta_o_dir: str | os.PathLike,
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
-    checkpoints = checkpoint_dirs(run_dir)
-    if not checkpoints:
+    steps = checkpoints(run_dir)
+    if not steps:
         raise ConfigError(f"{run_dir} has no checkpoint-<step> directories; expected an unlearning run directory")
     trajectory = [(THETA_O, 0, _summary(eval_path(theta_o_dir, forget_split),
                                         f"theta_o ({theta_o_dir}) has not been evaluated on {forget_split}"))]
-    for step, path in checkpoints:
+    for step, path in steps:
         # scripts/eval.sh evaluates every checkpoint before aggregating, so a gap is a failed or interrupted eval.
         hint = f"checkpoint {path} has no evaluation on {forget_split}; rerun scripts/eval.sh to evaluate it"
         trajectory.append((path.name, step, _summary(eval_path(path, forget_split), hint)))
@@ -77,7 +64,7 @@ def model_seed(model_dir: str | os.PathLike) -> int | None:
 
 def run_seed(run_dir: str | os.PathLike) -> int | None:
     """The seed of the run's newest checkpoint that has a run_config.json, or None."""
-    for _, path in reversed(checkpoint_dirs(run_dir)):
+    for _, path in reversed(checkpoints(run_dir)):
         if (path / RUN_CONFIG).is_file():
             return model_seed(path)
     return None
@@ -352,9 +339,15 @@ def cmd_methods(args: argparse.Namespace) -> None:
         write_json(args.out, result)
 
 
+# Drops are differences of values read back from JSON: 0.99 - 0.94 is 0.05000000000000004, which must pass "≤ 0.05".
+DROP_TOLERANCE = 1e-9
+
+
 def cmd_injection(args: argparse.Namespace) -> None:
     """Each theta_o's Forget and Retain Strength next to theta_r's: the forget set must have gone in (Forget Strength
-    down) without taking retention with it (Retain Strength within --max-rs-drop)."""
+    down by at least --min-fs-drop) without taking retention with it (Retain Strength down by at most --max-rs-drop).
+    Any theta_o that fails exits with status 1 after the table, naming the condition, so a controlled experiment
+    stops before comparing regions of a model the injection did not change."""
     def strengths(model: str, role: str) -> dict[str, float]:
         summary = _summary(eval_path(model, args.forget_split),
                            f"{role} ({model}) has not been evaluated on {args.forget_split}; run scripts/eval.sh")
@@ -367,18 +360,35 @@ def cmd_injection(args: argparse.Namespace) -> None:
     rows = []
     for model in args.theta_o_dirs:
         s = strengths(model, "theta_o")
+        fs_drop = reference["forget_strength"] - s["forget_strength"]
         rs_drop = reference["retain_strength"] - s["retain_strength"]
-        rows.append({"theta_o": str(model), "seed": model_seed(model), **s,
-                     "fs_drop": reference["forget_strength"] - s["forget_strength"], "rs_drop": rs_drop,
-                     "retention_kept": bool(rs_drop <= args.max_rs_drop)})
+        injected = bool(fs_drop >= args.min_fs_drop - DROP_TOLERANCE)
+        kept = bool(rs_drop <= args.max_rs_drop + DROP_TOLERANCE)
+        rows.append({"theta_o": str(model), "seed": model_seed(model), **s, "fs_drop": fs_drop, "rs_drop": rs_drop,
+                     "forget_injected": injected, "retention_kept": kept, "verified": injected and kept})
+    yes_no = {True: "yes", False: "no"}
     print(_markdown(["model", "seed", "Forget Strength", "Retain Strength", "FS drop", "RS drop",
-                     f"RS drop ≤ {args.max_rs_drop:g}"],
-                    [["theta_r", "", _fmt(reference["forget_strength"]), _fmt(reference["retain_strength"]), "", "", ""]]
+                     f"FS drop ≥ {args.min_fs_drop:g}", f"RS drop ≤ {args.max_rs_drop:g}"],
+                    [["theta_r", "", _fmt(reference["forget_strength"]), _fmt(reference["retain_strength"]), "", "", "",
+                      ""]]
                     + [["theta_o", str(r["seed"]), _fmt(r["forget_strength"]), _fmt(r["retain_strength"]),
-                        _fmt(r["fs_drop"]), _fmt(r["rs_drop"]), "yes" if r["retention_kept"] else "no"] for r in rows]))
+                        _fmt(r["fs_drop"]), _fmt(r["rs_drop"]), yes_no[r["forget_injected"]],
+                        yes_no[r["retention_kept"]]] for r in rows]))
+    verified = all(r["verified"] for r in rows)
     if args.out:
         write_json(args.out, {"forget_split": args.forget_split, "theta_r": str(args.theta_r), **reference,
-                              "max_rs_drop": args.max_rs_drop, "theta_o": rows})
+                              "min_fs_drop": args.min_fs_drop, "max_rs_drop": args.max_rs_drop, "verified": verified,
+                              "theta_o": rows})
+    failures = []
+    for r in rows:
+        where = f"seed {r['seed']}" if r["seed"] is not None else r["theta_o"]
+        if not r["forget_injected"]:
+            failures.append(f"Forget Strength dropped by only {r['fs_drop']:.3f} (< {args.min_fs_drop:g}) in {where}")
+        if not r["retention_kept"]:
+            failures.append(f"Retain Strength dropped by {r['rs_drop']:.3f} (> {args.max_rs_drop:g}) in {where}")
+    if failures:
+        model = "an unchanged model" if not all(r["forget_injected"] for r in rows) else "a damaged model"
+        raise SystemExit(f"injection failed: {'; '.join(failures)}; comparing regions of {model} would mean nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,12 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     injection = commands.add_parser(
         "injection", parents=[split], help="theta_o's Forget/Retain Strength against theta_r's (did the injection work?)",
         description="The controlled experiment's check on theta_o (theta_r with the forget set trained into V_tgt): "
-                    "its Forget Strength should be clearly below theta_r's, its Retain Strength within --max-rs-drop "
-                    "of theta_r's. Reads <model>/eval_results/eval_<split>.json of every model.",
+                    "its Forget Strength must be at least --min-fs-drop below theta_r's, its Retain Strength within "
+                    "--max-rs-drop of theta_r's. Reads each model's eval_tofu.py result; exits with status 1, naming "
+                    "the condition, when any theta_o fails.",
         epilog="example: aggregate.py injection --theta-r out/theta_r/checkpoint-6750 --forget-split forget01 "
                "out/controlled/seed1/theta_o/checkpoint-1500 out/controlled/seed2/theta_o/checkpoint-1500")
     injection.add_argument("theta_o_dirs", nargs="+", metavar="THETA_O_DIR", help="injected models (evaluated)")
     injection.add_argument("--theta-r", required=True, metavar="DIR", help="the model before injection (evaluated)")
+    injection.add_argument("--min-fs-drop", type=float, default=0.5,
+                           help="the Forget Strength theta_o must lose against theta_r (default: 0.5)")
     injection.add_argument("--max-rs-drop", type=float, default=0.05,
                            help="the Retain Strength theta_o may lose against theta_r (default: 0.05)")
     injection.add_argument("--out", metavar="FILE.json", help="also write the table's numbers here")

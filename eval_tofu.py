@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import metrics as M
 from checkpoints import ModelSwitcher, load_any_model, local_model_dir
 from evaluator import (HOLDOUT, MIA_KEYS, RETAIN_ES, SPLIT_DATA, SPLITS, EvalSettings, mia_aucs, reference_attack,
                        run_evaluation, summarize)
+from layout import EVAL_RESULT_RE, eval_path
 from models import family_config, load_tokenizer, resolve_model_path
 from runtime import (ConfigError, broadcast_object, check_writable, init_distributed, is_main, run_main,
                      seed_everything, setup_logging, write_json)
@@ -45,7 +45,6 @@ NOT_CACHE_KEYS = ("overwrite", "retain_result")
 FORMAT_VERSION = 2
 # Files up to this size are fingerprinted by content; larger weight shards by size and modification time.
 HASHED_FILE_BYTES = 64 << 20
-RESULT_NAME = re.compile(r"eval_.*\.json")
 register("eval_tofu", EvalConfig)
 
 
@@ -90,8 +89,7 @@ def model_paths(c: dict[str, Any]) -> list[str | None]:
 
 
 def output_file(c: dict[str, Any]) -> Path:
-    directory = Path(c["output_dir"]) if c["output_dir"] else Path(c["resolved_model_path"]) / "eval_results"
-    return directory / f"eval_{c['forget_split']}.json"  # matches RESULT_NAME
+    return eval_path(c["resolved_model_path"], c["forget_split"], c["output_dir"])
 
 
 def model_fingerprint(model_path: str) -> str | None:
@@ -105,7 +103,7 @@ def model_fingerprint(model_path: str) -> str | None:
     if directory is None:
         return None
     digest = hashlib.sha256(str(directory).encode())
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not RESULT_NAME.fullmatch(p.name))
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not EVAL_RESULT_RE.fullmatch(p.name))
     for path in files:
         stat = path.stat()
         digest.update(path.name.encode())

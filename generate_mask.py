@@ -17,7 +17,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from checkpoints import load_any_model
 from dataloader import QADataset
-from mask_generator import ATTRIBUTION_KNOBS, ATTRIBUTIONS, SHAPE_ONLY, compute_scores, mask_path
+from layout import mask_path
+from mask_generator import ATTRIBUTION_KNOBS, ATTRIBUTIONS, SHAPE_ONLY, compute_scores
 from masks import load_mask, make_meta, random_complement, save_mask, select_top
 from models import family_config, load_tokenizer, resolve_model_path, value_vector_shape
 from runtime import (ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,7 +59,6 @@ __all__ = [
     "finalize_statistics",
     "get_attribution",
     "ig_token_attributions",
-    "mask_path",
     "memflex_statistics",
     "method_config",
     "merge_statistics",
@@ -745,16 +743,6 @@ _register_two_phase("ig_down", _ig_accumulate, _ig_finalize, [
 ])
 
 
-def _fmt_ratio(ratio: Any) -> str:
-    return ratio if isinstance(ratio, str) else repr(float(ratio))
-
-
-def mask_path(mask_root: str | os.PathLike, attribution: str, model_family: str, forget_split: str, variant: str,
-              ratio: float | str, seed: int) -> str:
-    """{mask_root}/{attribution}/{model_family}/TOFU/default/{forget_split}/{attribution}_mask_{variant}_{ratio}_s{seed}.pt
-    (ratio written as repr(float(ratio)), e.g. 0.1 -> "0.1", 1 -> "1.0")."""
-    name = f"{attribution}_mask_{variant}_{_fmt_ratio(ratio)}_s{seed}.pt"
-    return os.path.join(os.fspath(mask_root), attribution, model_family, "TOFU", "default", forget_split, name)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from runtime import ConfigError
+from io_utils import ConfigError
 
 HUB_DATASET = "locuslab/TOFU"
 SYNTHETIC = "synthetic"

@@ -10,12 +10,9 @@ checkpoint format holds its partitioned optimizer state beside the plain weights
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,15 +23,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from runtime import (ConfigError, atomic_path, barrier, broadcast_object, init_single_process_group, is_main, rank,
-                     world_size)
+from checkpointer import Checkpointer
+from runtime import init_single_process_group, is_main, rank, world_size
 
 log = logging.getLogger("loc_unlearn")
-
-STATE_FILE = "trainer_state.pt"
-INFO_FILE = "trainer_state.json"
-DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed checkpoint: optimizer partitions, scheduler, trainable values
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -96,35 +88,18 @@ class LengthGroupedBatchSampler:
             yield batches[j][rank()::world_size()]
 
 
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (renamed into place only when fully written), by step."""
-    found = []
-    for path in run_dir.glob("checkpoint-*"):
-        m = CHECKPOINT_RE.match(path.name)
-        if m and (path / INFO_FILE).is_file():
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def resumable_checkpoint(run_dir: Path) -> Path | None:
-    resumable = [p for _, p in checkpoints(run_dir) if (p / STATE_FILE).is_file()]
-    return resumable[-1] if resumable else None
-
-
 def train(
     model: torch.nn.Module,
     trainable: list[torch.nn.Parameter],
     dataset,
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
     settings: TrainSettings,
-    run_dir: Path,
-    save_model: Callable[[Path], None],
-    resume_state: dict[str, Any] | None = None,
+    checkpointer: Checkpointer,
     device: torch.device = torch.device("cpu"),
 ) -> Path:
     """Train `trainable` to minimise `loss_fn` over `dataset`; return the final checkpoint directory.
 
-    `save_model(directory)` writes the model into each checkpoint (rank 0), in whichever format the caller keeps.
+    A resumed run (checkpointer.resume() found a checkpoint) continues at its step with its optimizer state.
     """
     if settings.group_by_length:
         sampler = LengthGroupedBatchSampler(dataset.lengths(), settings.batch_size, settings.seed)
@@ -137,42 +112,12 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(settings.lr_scheduler, optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
     engine = _deepspeed_engine(model, trainable, optimizer, scheduler, settings, device) if settings.deepspeed else None
-    step, history = 0, []
-    if resume_state is not None:
-        _check_resume_format(resume_state, engine is not None)
-        if engine is None:
-            optimizer.load_state_dict(resume_state["optimizer"])
-            scheduler.load_state_dict(resume_state["scheduler"])
-        else:
-            engine.load_checkpoint(Path(resume_state["checkpoint"]) / DEEPSPEED_DIR, load_module_strict=False)
-        step, history = resume_state["step"], resume_state["history"]
+    step, history = checkpointer.restore_optimizer(optimizer, scheduler, engine)
+    if step:
         log.info("resuming at step %d of %d", step, total_steps)
 
     def save(final: bool = False) -> Path:
-        path = run_dir / f"checkpoint-{step}"
-        # Every rank writes its DeepSpeed partition into rank 0's temporary directory, renamed when all are done.
-        with atomic_path(path) if is_main() else contextlib.nullcontext() as tmp:
-            if is_main():
-                tmp.mkdir()
-            tmp = Path(broadcast_object(str(tmp) if is_main() else None))
-            if engine is not None:
-                engine.save_checkpoint(tmp / DEEPSPEED_DIR, exclude_frozen_parameters=True)
-            if is_main():
-                save_model(tmp)
-                state = {"step": step, "history": history, "trainable": _trainable_by_name(model)}
-                if engine is None:
-                    state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
-                torch.save(state, tmp / STATE_FILE)
-                (tmp / INFO_FILE).write_text(json.dumps({"step": step, "total_steps": total_steps, "final": final,
-                                                          "history": history}, indent=1))
-        if is_main():
-            for _, older in checkpoints(run_dir):
-                if older != path and (older / STATE_FILE).exists():  # optimizer state only in the newest checkpoint
-                    (older / STATE_FILE).unlink()
-                    shutil.rmtree(older / DEEPSPEED_DIR, ignore_errors=True)
-            log.info("saved %s", path)
-        barrier()
-        return path
+        return checkpointer.save(model, step, total_steps, history, final, optimizer, scheduler, engine)
 
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not is_main(), dynamic_ncols=True)
@@ -195,7 +140,7 @@ def train(
                 loss_sum += loss.detach()
             loss_value = _mean_across_ranks(loss_sum)
             if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"loss became {loss_value} at step {step + 1}; last good checkpoint is kept in {run_dir}")
+                raise NonFiniteLoss(f"loss became {loss_value} at step {step + 1}; last good checkpoint is kept in {checkpointer.run_dir}")
             if engine is not None:
                 engine.step()  # reduces, clips, steps the optimizer and the scheduler at the boundary set above
             else:
@@ -238,33 +183,6 @@ def _deepspeed_engine(model, trainable, optimizer, scheduler, settings: TrainSet
     return engine
 
 
-def _check_resume_format(resume_state: dict[str, Any], deepspeed: bool) -> None:
-    # The two paths keep the optimizer state in different formats (DeepSpeed's partitions vs one torch state dict).
-    written_with = "optimizer" not in resume_state
-    if written_with != deepspeed:
-        how = "with" if written_with else "without"
-        raise ConfigError(f"{resume_state['checkpoint']} was written {how} DeepSpeed and holds its optimizer state in "
-                          f"that format; resume {how} deepspeed=, or delete the run directory")
-
-
-def _trainable_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Masked values and LoRA adapters as trained (fp32 masters); full-parameter runs restore from the weights."""
-    params = list(model.named_parameters())
-    if all(p.requires_grad for _, p in params):
-        return {}
-    return {n: p.detach().cpu().clone() for n, p in params if p.requires_grad}
-
-
-def load_resume_state(checkpoint: Path) -> dict[str, Any]:
-    return {**torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True), "checkpoint": str(checkpoint)}
-
-
-def restore_trainable(model: torch.nn.Module, state: dict[str, Any]) -> None:
-    params = dict(model.named_parameters())
-    for name, value in state["trainable"].items():
-        params[name].data.copy_(value)
-
-
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -287,16 +205,3 @@ def _average_gradients(params: list[torch.nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad /= world_size()
-
-
-def find_final(run_dir: Path) -> Path | None:
-    """The final checkpoint of a finished run (so re-running a finished command does nothing)."""
-    for _, path in reversed(checkpoints(run_dir)):
-        if json.loads((path / INFO_FILE).read_text()).get("final"):
-            return path
-    return None
-
-
-def broadcast_resume_point(run_dir: Path) -> Path | None:
-    return broadcast_object(resumable_checkpoint(run_dir) if is_main() else None)
-

@@ -14,16 +14,17 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from checkpoints import SAVE_FORMATS, load_any_model, load_plain_weights, save_compact, starting_model_reference
+from checkpointer import Checkpointer
+from checkpoints import SAVE_FORMATS, load_any_model, starting_model_reference
 from dataloader import LOSSES, LossSpec, UnlearnDataset, get_loss, load_idk, sequence_nll
-from masking import MaskedValues, apply_lora, base_model, plain_state_dict
+from layout import RUN_CONFIG, checkpoints, final_checkpoint, run_dir
+from masking import MaskedValues, apply_lora
 from masks import load_mask
 from models import DTYPES, family_config, load_tokenizer, resolve_model_path, resolve_precision, value_vector_shape
 from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
 from schema import UnlearnConfig, foreign_knobs, hydra_entry, register, to_dict, unique_knobs, with_family_defaults, with_knobs
-from trainer import (NonFiniteLoss, TrainSettings, broadcast_resume_point, checkpoints, find_final, load_resume_state,
-                     restore_trainable, train)
 from tofu import load_tofu, retain_split_for
+from trainer import NonFiniteLoss, TrainSettings, train
 
 log = logging.getLogger("loc_unlearn")
 
@@ -67,20 +68,6 @@ def resolve_loss_knobs(spec: LossSpec, c: dict[str, Any]) -> dict[str, Any]:
     return spec.resolve(c)
 
 
-def run_dir(c: dict[str, Any], world_size: int) -> Path:
-    """`output_dir` if given, else the original suite's layout under `save_root`; with save_root left null, a run
-    from a checkpoint nests under it (else under the working directory)."""
-    if c["output_dir"]:
-        return Path(c["output_dir"])
-    masked = Path(c["mask_path"]).stem if c["mask_path"] else "False"
-    effective_bs = c["batch_size"] * c["grad_accum"] * world_size
-    leaf = Path(c["forget_split"], c["forget_loss"], f"lora_r{c['lora_r']}", f"masked_{masked}",
-                f"lr_{c['lr']}_wd_{c['weight_decay']}_ep_{c['epochs']}_bs_{effective_bs}")
-    if c["save_root"] is None and c["model_path"] and Path(c["model_path"]).name.startswith("checkpoint-"):
-        return Path(c["model_path"]) / leaf
-    return Path(c["save_root"] or ".", c["model_family"], "TOFU", "default") / leaf
-
-
 # Keys that change where or how often a run is saved, not what it computes.
 NOT_RESULT_KEYS = {"save_root", "output_dir", "save_checkpoint", "save_steps", "save_each_epoch", "save_format",
                    "deepspeed"}
@@ -88,10 +75,10 @@ NOT_RESULT_KEYS = {"save_root", "output_dir", "save_checkpoint", "save_steps", "
 
 def check_same_run(out: Path, c: dict[str, Any]) -> None:
     """Refuse to resume or skip a run directory that holds a run of another config (e.g. another seed)."""
-    existing = [p for _, p in checkpoints(out) if (p / "run_config.json").is_file()]
+    existing = [p for _, p in checkpoints(out) if (p / RUN_CONFIG).is_file()]
     if not existing:
         return
-    stored = json.loads((existing[-1] / "run_config.json").read_text())
+    stored = json.loads((existing[-1] / RUN_CONFIG).read_text())
     stored.update(absolute_paths(stored))
     differ = sorted(k for k in c if k not in NOT_RESULT_KEYS and stored.get(k) != c[k])
     if differ:
@@ -140,7 +127,7 @@ def unlearn(cfg: DictConfig) -> None:
     out = run_dir(c, world_size)
     check_writable(out)
     check_same_run(out, c)
-    if (final := find_final(out)) is not None:
+    if (final := final_checkpoint(out)) is not None:
         log.info("run already complete: %s", final)
         return
 
@@ -164,35 +151,26 @@ def unlearn(cfg: DictConfig) -> None:
         ref_path = c["retain_model_path"] if c["forget_loss"] == "rt_diff" else model_path
         ref_model = load_any_model(ref_path, device, DTYPES[c["precision"]]).eval().requires_grad_(False)
 
-    resume_from = broadcast_resume_point(out)
-    resume_state = load_resume_state(resume_from) if resume_from else None
-    if resume_from and c["lora_r"] == 0:
-        load_plain_weights(model, resume_from)
+    mask_indices = None
     if c["mask_path"]:
         try:
-            indices, meta = load_mask(c["mask_path"], *value_vector_shape(model))
+            mask_indices, meta = load_mask(c["mask_path"], *value_vector_shape(model))
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        trainable = MaskedValues(indices).attach(model).parameters()
-        log.info("mask %s: %d value vectors (%s) trainable", c["mask_path"], sum(len(i) for i in indices),
+        log.info("mask %s: %d value vectors (%s) trainable", c["mask_path"], sum(len(i) for i in mask_indices),
                  meta.get("method"))
-    elif c["lora_r"] > 0:
-        model, trainable = apply_lora(model, c["lora_r"], c["lora_alpha"], c["lora_dropout"],
-                                      family["lora_target_modules"])
-    else:
-        trainable = list(model.parameters())
-    if resume_state is not None and resume_state["trainable"]:
-        restore_trainable(model, resume_state)
 
+    def make_trainable(model: torch.nn.Module) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+        if mask_indices is not None:
+            return model, MaskedValues(mask_indices).attach(model).parameters()
+        if c["lora_r"] > 0:
+            return apply_lora(model, c["lora_r"], c["lora_alpha"], c["lora_dropout"], family["lora_target_modules"])
+        return model, list(model.parameters())
+
+    checkpointer = Checkpointer(out, tokenizer, {**c, "resolved_model_path": model_path}, starting,
+                                merged_adapters=c["lora_r"] > 0)
+    model, trainable = checkpointer.resume(model, make_trainable)
     loss_cfg = {k: c[k] for k in ("hyper_param", "seed", *(knob.name for knob in spec.knobs))}
-
-    def save_checkpoint(path: Path) -> None:
-        if starting is not None:
-            save_compact(path, model, starting)
-        else:
-            base_model(model).save_pretrained(path, state_dict=plain_state_dict(model))
-        tokenizer.save_pretrained(path)
-        (path / "run_config.json").write_text(json.dumps({**c, "resolved_model_path": model_path}, indent=1))
 
     settings = TrainSettings(**{k: c[k] for k in ("lr", "weight_decay", "epochs", "batch_size", "grad_accum",
                                                   "warmup_ratio", "lr_scheduler", "max_grad_norm", "seed",
@@ -201,8 +179,8 @@ def unlearn(cfg: DictConfig) -> None:
     log.info("training %d tensors (%d values) with %s; writing to %s", len(trainable),
              sum(p.numel() for p in trainable), c["forget_loss"], out)
     try:
-        final = train(model, trainable, dataset, lambda m, b: spec(m, b, ref_model, loss_cfg), settings, out,
-                      save_checkpoint, resume_state, device)
+        final = train(model, trainable, dataset, lambda m, b: spec(m, b, ref_model, loss_cfg), settings,
+                      checkpointer, device)
     except NonFiniteLoss as err:
         raise ConfigError(str(err)) from None
     if is_main():

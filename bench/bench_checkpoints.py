@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoints import export
+from layout import STATE_FILE, checkpoints
 from models import resolve_model_path
-from trainer import STATE_FILE, checkpoints
 
 GOAL = 0.15
 

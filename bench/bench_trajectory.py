@@ -25,8 +25,8 @@ from common import ROOT, print_header
 
 import numpy as np
 
+from layout import checkpoints
 from models import resolve_model_path
-from trainer import checkpoints
 
 GOAL = 2.0
 TOLERANCE = 1e-6

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The study end to end. Every step writes into $OUT and is skipped when its result is already there, so a
 # killed run continues where it stopped.
-#  controlled: theta_r (fine-tuned on the retain split) -> V_tgt, a random RATIO of all value vectors -> theta_o
-#     (the forget split injected into V_tgt only) -> V_rdm, as many vectors drawn outside V_tgt -> each loss
-#     unlearns theta_o on V_tgt (oracle) and on V_rdm (random) -> eval.sh -> theta_o-vs-theta_r injection table and
-#     oracle-vs-random tables over seeds.
+#  controlled: theta_r (fine-tuned on the retain split) -> per seed V_tgt, a random RATIO of all value vectors, and
+#     theta_o (the forget split injected into V_tgt only) -> theta_r and every theta_o evaluated -> the injection
+#     table, which stops the study when an injection failed (aggregate.py injection: Forget Strength down by
+#     >= 0.5, Retain Strength down by <= 0.05) -> per seed V_rdm, as many vectors drawn outside V_tgt -> each loss
+#     unlearns theta_o on V_tgt (oracle) and on V_rdm (random) -> eval.sh -> oracle-vs-random tables over seeds.
 #  methods: theta_f (fine-tuned on full) -> a mask per attribution method -> each loss unlearns theta_f on it
 #     -> eval.sh -> AUES/MU95 table per method.
 # Every setting below can be overridden from the environment, e.g. SEEDS="1 2" LOSSES=npo scripts/controlled.sh
+# Artifact names (final checkpoints, mask files) come from layout.py; this script only orchestrates.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,6 +28,8 @@ INJECT_ARGS=${INJECT_ARGS:-"forget_loss=learn_reg epochs=10"}
 UNLEARN_ARGS=${UNLEARN_ARGS:-"epochs=5 lr=1e-3 lr_scheduler=constant"}
 MASK_ARGS=${MASK_ARGS:-}
 EVAL_ARGS=${EVAL_ARGS:-}
+INJECTION_ARGS=${INJECTION_ARGS:-}         # extra `aggregate.py injection` options, e.g. "--min-fs-drop 0.3"
+INJECTION_CHECK=${INJECTION_CHECK:-stop}   # stop: a failed injection ends the study; warn: say so and go on
 NPROC=${NPROC:-1}
 PYTHON=${PYTHON:-python}
 export PYTHON EVAL_ARGS
@@ -34,21 +38,26 @@ run() {  # run an entry point with one process, or torchrun when NPROC > 1
   if ((NPROC > 1)); then "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"
   else "$PYTHON" "$@"; fi
 }
-final() { ls -d "$1"/checkpoint-* | sort -t- -k2 -n | tail -1; }
+layout() { "$PYTHON" layout.py "$@"; }
+final() { layout final "$1"; }  # the checkpoint marked final; fails when the run has not finished
 common=(model_family="$MODEL_FAMILY" data_path="$DATA_PATH")
 read -r -a ft_args <<< "$FT_ARGS"
 read -r -a inject_args <<< "$INJECT_ARGS"
 read -r -a unlearn_args <<< "$UNLEARN_ARGS"
 read -r -a mask_args <<< "$MASK_ARGS"
+read -r -a injection_args <<< "$INJECTION_ARGS"
 mask_file() {  # mask_root attribution variant seed -> the path generate_mask.py writes
-  echo "$1/$2/$MODEL_FAMILY/TOFU/default/$FORGET_SPLIT/$2_mask_$3_$("$PYTHON" -c "print(float($RATIO))")_s$4.pt"
+  layout mask-path --mask-root "$1" --attribution "$2" --model-family "$MODEL_FAMILY" --forget-split "$FORGET_SPLIT" \
+    --variant "$3" --ratio "$RATIO" --seed "$4"
 }
 group_args() {  # name pattern -> "--group name" and the pattern with SEED replaced by each seed
   echo "--group $1"; for seed in $SEEDS; do echo "${2//SEED/$seed}"; done
 }
-table() {  # aggregate.py mode, title, JSON output, group arguments: print the table and append it to $tables
+table() {  # aggregate.py mode, title, JSON output, arguments: print the table, append it to $tables; aggregate's status
   local mode=$1 title=$2 out=$3; shift 3
-  { echo "### $title (seeds: $SEEDS)"; echo; "$PYTHON" aggregate.py "$mode" "$@" --out "$out"; echo; } | tee -a "$tables"
+  printf '### %s (seeds: %s)\n\n' "$title" "$SEEDS" | tee -a "$tables"
+  "$PYTHON" aggregate.py "$mode" "$@" --out "$out" | tee -a "$tables" || return  # explicit: also under `||`
+  echo | tee -a "$tables"
 }
 unlearn_and_evaluate() {  # start_model mask seed loss dir: unlearn into dir/run, trade-off scores into dir/agg
   run unlearn.py "${common[@]}" model_path="$1" forget_split="$FORGET_SPLIT" retain_split="$RETAIN_SPLIT" \
@@ -67,7 +76,7 @@ tables="$OUT/tables.md"
 if [[ " $PARTS " == *" controlled "* ]]; then
   theta_os=()
   for seed in $SEEDS; do
-    echo "== seed $seed: V_tgt, injection into it, V_rdm"
+    echo "== seed $seed: V_tgt and the injection into it"
     run generate_mask.py "${common[@]}" model_path="$THETA_R" attribution=random_down ratio="$RATIO" seed="$seed" \
       forget_split="$FORGET_SPLIT" mask_root="$OUT/masks"
     v_tgt=$(mask_file "$OUT/masks" random_down normal "$seed")
@@ -76,6 +85,24 @@ if [[ " $PARTS " == *" controlled "* ]]; then
       "${inject_args[@]}"
     theta_o=$(final "$OUT/controlled/seed$seed/theta_o")
     theta_os+=("$theta_o")
+    echo "== seed $seed: evaluating theta_o (and theta_r)"
+    scripts/eval.sh --evaluate-only --theta-o "$theta_o" --retain-model "$THETA_R" --model-family "$MODEL_FAMILY" \
+      --data-path "$DATA_PATH" --forget-split "$FORGET_SPLIT" --nproc "$NPROC" > "$OUT/controlled/seed$seed/eval.log"
+  done
+  # Before any unlearning: comparing regions of a model the injection did not change would mean nothing.
+  status=0
+  table injection "Injection: theta_o against theta_r" "$OUT/controlled/injection.json" --theta-r "$THETA_R" \
+    --forget-split "$FORGET_SPLIT" "${injection_args[@]}" "${theta_os[@]}" || status=$?
+  if ((status == 1)) && [[ $INJECTION_CHECK == warn ]]; then
+    echo "INJECTION_CHECK=warn: unlearning on the regions anyway; the tables below do not test localization" >&2
+  elif ((status)); then
+    echo "controlled.sh: stopped before unlearning on the regions (see above; INJECTION_CHECK=warn goes on)" >&2
+    exit "$status"
+  fi
+  for seed in $SEEDS; do
+    theta_o=$(final "$OUT/controlled/seed$seed/theta_o")
+    v_tgt=$(mask_file "$OUT/masks" random_down normal "$seed")
+    echo "== seed $seed: V_rdm"
     run generate_mask.py "${common[@]}" model_path="$THETA_R" attribution=random_down variant=random_complement \
       target_mask_path="$v_tgt" ratio="$RATIO" seed="$seed" forget_split="$FORGET_SPLIT" mask_root="$OUT/masks"
     v_rdm=$(mask_file "$OUT/masks" random_down random_complement "$seed")
@@ -87,8 +114,6 @@ if [[ " $PARTS " == *" controlled "* ]]; then
       done
     done
   done
-  table injection "Injection: theta_o against theta_r" "$OUT/controlled/injection.json" --theta-r "$THETA_R" \
-    --forget-split "$FORGET_SPLIT" "${theta_os[@]}"
   for loss in $LOSSES; do
     groups=()
     for region in oracle random; do groups+=($(group_args "$region" "$OUT/controlled/seedSEED/$loss/$region/agg")); done

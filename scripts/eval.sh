@@ -17,6 +17,7 @@ NPROC=${NPROC:-1}                   # > 1: one torchrun process per GPU
 OUT=${OUT:-outputs/aggregate}
 EVAL_ARGS=${EVAL_ARGS:-}            # extra eval_tofu.py overrides, e.g. "batch_size=16 es_convention=open_unlearning"
 AGGREGATE_ARGS=${AGGREGATE_ARGS:-}  # extra `aggregate.py runs` options, e.g. "--aues trapezoid --names a b"
+EVALUATE_ONLY=${EVALUATE_ONLY:-0}   # 1: evaluate only (RUN_DIRs optional), no scores or plots
 if [[ -n ${RUNS:-} ]]; then read -r -a RUNS <<< "$RUNS"; else RUNS=(
   # runs/tiny/TOFU/default/forget10/grad_diff/lora_r0/masked_False/lr_1e-05_wd_0.01_ep_5_bs_32
 ); fi
@@ -25,9 +26,9 @@ usage() {
   cat <<EOF
 usage: scripts/eval.sh [options] [RUN_DIR ...]
 
-Evaluates theta_o, the retain model and every unevaluated checkpoint-<step> of each RUN_DIR (theta_o and the
-checkpoints in one evaluator process), then writes OUT/runs.json, OUT/runs.csv and the trade-off plots
-(python aggregate.py runs).
+Evaluates theta_o, the retain model and every unevaluated checkpoint of each RUN_DIR (theta_o and the
+checkpoints in one evaluator process; layout.py names them and their results), then writes OUT/runs.json,
+OUT/runs.csv and the trade-off plots (python aggregate.py runs).
 
   --theta-o DIR        model before unlearning              (THETA_O=$THETA_O)
   --retain-eval JSON   retain model's eval JSON             (RETAIN_EVAL=$RETAIN_EVAL)
@@ -37,6 +38,7 @@ checkpoints in one evaluator process), then writes OUT/runs.json, OUT/runs.csv a
   --forget-split NAME                                       (FORGET_SPLIT=$FORGET_SPLIT)
   --nproc N            torchrun processes when N > 1        (NPROC=$NPROC)
   --out DIR            aggregation output                   (OUT=$OUT)
+  --evaluate-only      evaluate, then stop: no scores or plots; RUN_DIRs optional (EVALUATE_ONLY=$EVALUATE_ONLY)
   RUN_DIR ...          replace RUNS (now: ${RUNS[*]})
 
 Environment only: EVAL_ARGS (key=value overrides for eval_tofu.py), AGGREGATE_ARGS, PYTHON (default python),
@@ -56,6 +58,7 @@ while (($#)); do
     --forget-split) FORGET_SPLIT=${2:?$1 needs a value}; shift 2 ;;
     --nproc) NPROC=${2:?$1 needs a value}; shift 2 ;;
     --out) OUT=${2:?$1 needs a value}; shift 2 ;;
+    --evaluate-only) EVALUATE_ONLY=1; shift ;;
     --) shift; positional+=("$@"); break ;;
     -*) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
     *) positional+=("$1"); shift ;;
@@ -64,7 +67,7 @@ done
 ((${#positional[@]})) && RUNS=("${positional[@]}")
 
 die() { echo "error: $*" >&2; exit 2; }
-((${#RUNS[@]})) || die "no run directories (set RUNS or pass RUN_DIR arguments; see -h)"
+((${#RUNS[@]} || EVALUATE_ONLY)) || die "no run directories (set RUNS or pass RUN_DIR arguments; see -h)"
 [[ -n $THETA_O ]] || die "THETA_O / --theta-o is not set"
 [[ -n $RETAIN_EVAL || -n $RETAIN_MODEL ]] || die "set RETAIN_EVAL / --retain-eval or RETAIN_MODEL / --retain-model"
 
@@ -82,33 +85,34 @@ read -r -a aggregate_args <<< "$AGGREGATE_ARGS"
 common=(model_family="$MODEL_FAMILY" forget_split="$FORGET_SPLIT")
 [[ -n $DATA_PATH ]] && common+=(data_path="$DATA_PATH")
 
+layout() { "$PYTHON" "$ROOT/layout.py" "$@"; }  # every artifact name comes from layout.py
+
 evaluate() {  # retain result JSON or empty, then model directories: all of them in one evaluator process
-  local extra=() quoted=() model
+  local extra=() quoted=() model result results
   [[ -n $1 ]] && extra=(retain_result="$1")
   for model in "${@:2}"; do quoted+=("'${model//\'/\\\'}'"); done  # Hydra list items, quoted
   echo "== evaluating ${*:2}"
   "${eval_cmd[@]}" "${common[@]}" "model_path=[$(IFS=,; echo "${quoted[*]}")]" "${extra[@]}" "${eval_args[@]}"
-  for model in "${@:2}"; do
-    [[ -f $model/eval_results/eval_$FORGET_SPLIT.json ]] ||
-      die "the evaluator exited without writing $model/eval_results/eval_$FORGET_SPLIT.json (eval.sh expects the default output_dir)"
-  done
+  results=$(layout eval-path --forget-split "$FORGET_SPLIT" "${@:2}")
+  while IFS= read -r result; do
+    [[ -f $result ]] || die "the evaluator exited without writing $result (eval.sh expects the default output_dir)"
+  done <<< "$results"
 }
 
 if [[ -z $RETAIN_EVAL ]]; then
   evaluate "" "$RETAIN_MODEL"
-  RETAIN_EVAL="$RETAIN_MODEL/eval_results/eval_$FORGET_SPLIT.json"
+  RETAIN_EVAL=$(layout eval-path --forget-split "$FORGET_SPLIT" "$RETAIN_MODEL")
 fi
 [[ -f $RETAIN_EVAL ]] || die "retain eval $RETAIN_EVAL does not exist"
 RETAIN_EVAL=$(realpath "$RETAIN_EVAL")  # stored in each eval's config: absolute, it names the file from any cwd
 
 models=("$THETA_O")
-for run in "${RUNS[@]}"; do
-  [[ -d $run ]] || die "run directory $run does not exist"
-  for ckpt in "$run"/checkpoint-*; do
-    if [[ -d $ckpt && $(basename "$ckpt") =~ ^checkpoint-[0-9]+$ ]]; then models+=("$ckpt"); fi
-  done
-done
+if ((${#RUNS[@]})); then
+  ckpts=$(layout checkpoints "${RUNS[@]}") || exit 2  # layout.py names a missing run directory
+  [[ -n $ckpts ]] && mapfile -t -O 1 models <<< "$ckpts"
+fi
 evaluate "$RETAIN_EVAL" "${models[@]}"
+((EVALUATE_ONLY)) && exit 0
 
 "$PYTHON" "$ROOT/aggregate.py" runs --theta-o "$THETA_O" --retain-eval "$RETAIN_EVAL" --forget-split "$FORGET_SPLIT" \
   --out "$OUT" "${RUNS[@]}" "${aggregate_args[@]}"

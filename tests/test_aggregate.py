@@ -13,7 +13,8 @@ import pytest
 
 import aggregate as A
 from conftest import ROOT
-from runtime import ConfigError
+from io_utils import ConfigError
+from layout import eval_path
 
 SPLIT = "forget10"
 # (label, RS, FS, MU, log10 FQ). Steps 5, 9, 10 so that string order (10, 5, 9) differs from step order.
@@ -27,7 +28,7 @@ def summary(rs: float, fs: float, mu: float, log10_fq: float | None) -> dict:
 
 
 def write_eval(model_dir: Path, summ: dict, retain_result: str | None = None) -> None:
-    path = A.eval_path(model_dir, SPLIT)
+    path = eval_path(model_dir, SPLIT)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"config": {"model_family": "tiny", "forget_split": SPLIT, "retain_result": retain_result},
                                 "per_sample": {}, "summary": summ}))
@@ -85,7 +86,7 @@ def test_theta_o_is_chosen_when_no_checkpoint_beats_it(tmp_path):
 
 def test_missing_eval_names_the_checkpoint(tmp_path):
     run, theta_o = make_run(tmp_path, "run")
-    A.eval_path(run / "checkpoint-9", SPLIT).unlink()
+    eval_path(run / "checkpoint-9", SPLIT).unlink()
     with pytest.raises(ConfigError, match=r"checkpoint-9 has no evaluation.*scripts/eval\.sh"):
         A.load_trajectory(run, theta_o, SPLIT)
     with pytest.raises(ConfigError, match="no checkpoint-<step>"):
@@ -106,7 +107,7 @@ def test_runs_cli_writes_json_csv_and_plots(tmp_path, capsys):
     run_b, _ = make_run(tmp_path / "runs", "masked_random/lr_1e-05", shifted, seed=1)
     write_eval(tmp_path / "retain", summary(0.5, 0.9, 0.59, None))
     out = tmp_path / "out"
-    A.main(["runs", "--theta-o", str(theta_o), "--retain-eval", str(A.eval_path(tmp_path / "retain", SPLIT)),
+    A.main(["runs", "--theta-o", str(theta_o), "--retain-eval", str(eval_path(tmp_path / "retain", SPLIT)),
             "--out", str(out), str(run_a), str(run_b)])
     data = json.loads((out / "runs.json").read_text())
     assert [r["name"] for r in data["runs"]] == ["masked_oracle", "masked_random"]  # the differing path part
@@ -124,7 +125,7 @@ def test_runs_cli_writes_json_csv_and_plots(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
     assert "| masked_oracle | 0.560 | -5.000 | checkpoint-5 |" in capsys.readouterr().out
 
-    A.main(["runs", "--theta-o", str(theta_o), "--retain-eval", str(A.eval_path(tmp_path / "retain", SPLIT)),
+    A.main(["runs", "--theta-o", str(theta_o), "--retain-eval", str(eval_path(tmp_path / "retain", SPLIT)),
             "--out", str(out), str(run_a), "--names", "gd-oracle", "--aues", "trapezoid"])
     (record,) = json.loads((out / "runs.json").read_text())["runs"]
     assert (record["name"], record["aues_method"]) == ("gd-oracle", "trapezoid")
@@ -134,7 +135,7 @@ def test_runs_cli_writes_json_csv_and_plots(tmp_path, capsys):
 def test_runs_report_final_privleak_and_plot_it_against_retain_strength(tmp_path, capsys):
     run, theta_o = make_run(tmp_path / "runs", "npo")
     write_eval(tmp_path / "retain", summary(0.5, 0.9, 0.59, None))
-    args = ["runs", "--theta-o", str(theta_o), "--retain-eval", str(A.eval_path(tmp_path / "retain", SPLIT)),
+    args = ["runs", "--theta-o", str(theta_o), "--retain-eval", str(eval_path(tmp_path / "retain", SPLIT)),
             "--out", str(tmp_path / "out"), str(run)]
     A.main(args)
     assert json.loads((tmp_path / "out" / "runs.json").read_text())["runs"][0]["final_privleak"] is None
@@ -144,7 +145,7 @@ def test_runs_report_final_privleak_and_plot_it_against_retain_strength(tmp_path
     # privleak from -90 (theta_o memorised the forget set) towards 0 over the checkpoints.
     for (label, *_), leak in zip(POINTS, (-90.0, -40.0, -10.0, 2.5)):
         model = theta_o if label == "theta_o" else run / label
-        path = A.eval_path(model, SPLIT)
+        path = eval_path(model, SPLIT)
         result = json.loads(path.read_text())
         result["summary"]["privleak"] = leak
         path.write_text(json.dumps(result))
@@ -219,33 +220,74 @@ def test_methods_cli_table(tmp_path, capsys):
     assert "| activation | 0.600 ± 0.141 | -4.000 ± 1.414 | 2 |" in capsys.readouterr().out
 
 
-def test_injection_cli_compares_each_theta_o_with_theta_r(tmp_path, capsys):
-    theta_r = tmp_path / "theta_r"
-    write_eval(theta_r, summary(rs=0.99, fs=0.95, mu=0.6, log10_fq=None))
-    theta_os = []
-    for seed, rs, fs in ((1, 0.96, 0.30), (2, 0.90, 0.40)):
+def _injection(tmp_path: Path, theta_r: tuple[float, float], theta_os: list[tuple[int, float, float]],
+               *options: str) -> list[str]:
+    """theta_r's and each seed's theta_o's (FS, RS) written as eval JSONs; the `injection` arguments."""
+    write_eval(tmp_path / "theta_r", summary(rs=theta_r[1], fs=theta_r[0], mu=0.6, log10_fq=None))
+    models = []
+    for seed, fs, rs in theta_os:
         model = tmp_path / f"seed{seed}" / "checkpoint-100"
         write_eval(model, summary(rs=rs, fs=fs, mu=0.6, log10_fq=-1.0))
         (model / "run_config.json").write_text(json.dumps({"seed": seed}))
-        theta_os.append(str(model))
-    A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, "--out", str(tmp_path / "inj.json"),
-            *theta_os])
-    result = json.loads((tmp_path / "inj.json").read_text())
-    # seed 1: RS drop 0.99 - 0.96 = 0.03 <= 0.05, FS drop 0.65; seed 2: RS drop 0.09 > 0.05.
+        models.append(str(model))
+    return ["injection", "--theta-r", str(tmp_path / "theta_r"), "--forget-split", SPLIT, *options, *models]
+
+
+def test_injection_that_lowered_forget_strength_and_kept_retention_is_verified(tmp_path, capsys):
+    out = tmp_path / "inj.json"
+    A.main(_injection(tmp_path, (0.95, 0.99), [(1, 0.30, 0.96), (2, 0.40, 0.94)], "--out", str(out)))
+    result = json.loads(out.read_text())
+    # seed 1: FS drop 0.95 - 0.30 = 0.65, RS drop 0.99 - 0.96 = 0.03; seed 2: 0.55 and 0.05 (the bound, kept).
     assert [r["seed"] for r in result["theta_o"]] == [1, 2]
-    assert [r["rs_drop"] for r in result["theta_o"]] == pytest.approx([0.03, 0.09])
     assert [r["fs_drop"] for r in result["theta_o"]] == pytest.approx([0.65, 0.55])
-    assert [r["retention_kept"] for r in result["theta_o"]] == [True, False]
-    out = capsys.readouterr().out
-    assert "| theta_o | 1 | 0.300 | 0.960 | 0.650 | 0.030 | yes |" in out
-    assert "| theta_o | 2 | 0.400 | 0.900 | 0.550 | 0.090 | no |" in out
-    A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, "--max-rs-drop", "0.1", theta_os[1]])
-    assert "| 0.090 | yes |" in capsys.readouterr().out
+    assert [r["rs_drop"] for r in result["theta_o"]] == pytest.approx([0.03, 0.05])
+    assert [r["verified"] for r in result["theta_o"]] == [True, True] and result["verified"] is True
+    assert (result["min_fs_drop"], result["max_rs_drop"]) == (0.5, 0.05)
+    table = capsys.readouterr().out
+    assert "| model | seed | Forget Strength | Retain Strength | FS drop | RS drop | FS drop ≥ 0.5 | RS drop ≤ 0.05 |" in table
+    assert "| theta_o | 1 | 0.300 | 0.960 | 0.650 | 0.030 | yes | yes |" in table
+    assert "| theta_o | 2 | 0.400 | 0.940 | 0.550 | 0.050 | yes | yes |" in table
+
+
+def test_injection_that_left_forget_strength_unchanged_fails(tmp_path, capsys):
+    # The issue's case: theta_o's Forget Strength equals theta_r's (0.837), retention intact.
+    out = tmp_path / "inj.json"
+    with pytest.raises(SystemExit) as failed:
+        A.main(_injection(tmp_path, (0.837, 0.99), [(1, 0.837, 0.99), (2, 0.30, 0.98)], "--out", str(out)))
+    assert str(failed.value.code) == ("injection failed: Forget Strength dropped by only 0.000 (< 0.5) in seed 1; "
+                                      "comparing regions of an unchanged model would mean nothing")
+    assert "| theta_o | 1 | 0.837 | 0.990 | 0.000 | 0.000 | no | yes |" in capsys.readouterr().out  # table first
+    result = json.loads(out.read_text())
+    assert result["verified"] is False and [r["verified"] for r in result["theta_o"]] == [False, True]
+    # A lower bar lets the same models through.
+    A.main(_injection(tmp_path, (0.837, 0.99), [(1, 0.837, 0.99)], "--min-fs-drop", "0"))
+
+
+def test_injection_that_cost_retention_fails(tmp_path, capsys):
+    args = _injection(tmp_path, (0.95, 0.99), [(1, 0.30, 0.96), (2, 0.40, 0.90)])
+    with pytest.raises(SystemExit) as failed:
+        A.main(args)
+    assert str(failed.value.code) == ("injection failed: Retain Strength dropped by 0.090 (> 0.05) in seed 2; "
+                                      "comparing regions of a damaged model would mean nothing")
+    assert "| theta_o | 2 | 0.400 | 0.900 | 0.550 | 0.090 | yes | no |" in capsys.readouterr().out
+    A.main([*args[:5], "--max-rs-drop", "0.1", *args[5:]])
+    assert "| 0.090 | yes | yes |" in capsys.readouterr().out
+
+
+def test_injection_needs_both_strengths_of_every_model(tmp_path):
+    args = _injection(tmp_path, (0.95, 0.99), [])
     with pytest.raises(ConfigError, match=r"theta_o \(.*nowhere\) has not been evaluated on forget10"):
-        A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, str(tmp_path / "nowhere")])
+        A.main([*args, str(tmp_path / "nowhere")])
     write_eval(tmp_path / "forget_only", {"forget_strength": 0.3, "retain_strength": None})
     with pytest.raises(ConfigError, match=r"forget_only\) has no forget/retain strength"):
-        A.main(["injection", "--theta-r", str(theta_r), "--forget-split", SPLIT, str(tmp_path / "forget_only")])
+        A.main([*args, str(tmp_path / "forget_only")])
+
+
+def test_aggregate_does_not_import_torch():
+    # aggregate.py runs once per table in the scripts; torch would add ~5 s to each call.
+    code = "import sys, aggregate; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 # A stand-in for eval_tofu.py: logs each call's models (one line per process) and writes the summary the test left in
@@ -271,8 +313,9 @@ def test_eval_sh_evaluates_theta_o_and_every_checkpoint_in_one_process(tmp_path)
     for label, rs, fs, mu, fq in POINTS + [("retain", 0.5, 0.9, 0.59, None)]:
         model = {"theta_o": theta_o, "retain": retain}.get(label, run / label)
         model.mkdir(parents=True)
+        (model / "trainer_state.json").write_text("{}")  # what makes a checkpoint complete
         (model / "fake_summary.json").write_text(json.dumps(summary(rs, fs, mu, fq)))
-    retain_eval = str(A.eval_path(retain, SPLIT).resolve())
+    retain_eval = str(eval_path(retain, SPLIT).resolve())
     (tmp_path / "stub.py").write_text(STUB)
     log = tmp_path / "calls.log"
     env = {**os.environ, "PYTHON": sys.executable, "EVAL_CMD": f"{sys.executable} {tmp_path / 'stub.py'}",
@@ -283,7 +326,7 @@ def test_eval_sh_evaluates_theta_o_and_every_checkpoint_in_one_process(tmp_path)
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert log.read_text().splitlines() == ["retain", "checkpoint-10 checkpoint-5 checkpoint-9 theta o's"]
-    assert json.loads(A.eval_path(run / "checkpoint-9", SPLIT).read_text())["config"]["retain_result"] == retain_eval
+    assert json.loads(eval_path(run / "checkpoint-9", SPLIT).read_text())["config"]["retain_result"] == retain_eval
     (record,) = json.loads((out / "runs.json").read_text())["runs"]
     assert (record["aues"], record["mu95"], record["chosen_checkpoint"]) == (pytest.approx(0.56), -5.0, "checkpoint-5")
     assert (out / A.MU_FQ_PLOT).is_file() and "| run | 0.560 |" in done.stdout
@@ -294,4 +337,11 @@ def test_eval_sh_evaluates_theta_o_and_every_checkpoint_in_one_process(tmp_path)
     again = subprocess.run([str(ROOT / "scripts" / "eval.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert log.read_text().splitlines()[2:] == ["checkpoint-10 checkpoint-5 checkpoint-9 theta o's"]
-    assert json.loads(A.eval_path(theta_o, SPLIT).read_text())["config"]["max_samples"] == "100"
+    assert json.loads(eval_path(theta_o, SPLIT).read_text())["config"]["max_samples"] == "100"
+
+    # --evaluate-only (controlled.sh's check of theta_o before unlearning): no run directories, no scores.
+    only = subprocess.run([str(ROOT / "scripts" / "eval.sh"), "--evaluate-only", "--theta-o", str(theta_o),
+                           "--retain-model", str(retain), "--out", str(tmp_path / "none")],
+                          env={**env, "RUNS": "", "RETAIN_EVAL": ""}, capture_output=True, text=True, timeout=120)
+    assert only.returncode == 0, only.stderr
+    assert log.read_text().splitlines()[3:] == ["retain", "theta o's"] and not (tmp_path / "none").exists()

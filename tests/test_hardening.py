@@ -151,15 +151,3 @@ def test_a_run_directory_of_another_config_is_not_reused(base, tmp_path, capsys)
     capsys.readouterr()
     code, line = _run(unlearn.unlearn, "forget_tofu", [*base, out, "seed=2"], capsys)
     assert code == 2 and "holds a run with other settings (seed=1)" in line
-
-
-def test_a_save_root_the_user_set_is_honoured_for_a_checkpoint_model_path(tmp_path):
-    from unlearn import run_dir
-
-    c = {"output_dir": None, "mask_path": None, "batch_size": 4, "grad_accum": 2, "forget_split": "forget01",
-         "forget_loss": "npo", "lora_r": 0, "lr": 1e-5, "weight_decay": 0.01, "epochs": 5, "model_family": "tiny",
-         "model_path": str(tmp_path / "theta" / "checkpoint-5")}
-    leaf = "forget01/npo/lora_r0/masked_False/lr_1e-05_wd_0.01_ep_5_bs_16"
-    assert run_dir({**c, "save_root": None}, 2) == tmp_path / "theta" / "checkpoint-5" / leaf
-    assert run_dir({**c, "save_root": str(tmp_path / "runs")}, 2) == tmp_path / "runs" / "tiny/TOFU/default" / leaf
-    assert run_dir({**c, "save_root": None, "model_path": None}, 2) == Path(".") / "tiny/TOFU/default" / leaf

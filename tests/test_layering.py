@@ -12,13 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first. A new module goes into the lowest layer above everything it imports.
 LAYERS: list[tuple[str, ...]] = [
-    ("runtime", "synthetic_tofu", "schema"),
+    ("io_utils", "synthetic_tofu", "schema"),
+    ("runtime", "layout"),
     ("metrics", "tofu"),
     ("models",),
     ("masks",),
     ("masking",),
     ("dataloader",),
     ("checkpoints",),
+    ("checkpointer",),
     ("trainer", "evaluator"),
     ("mask_generator",),
     ("unlearn", "generate_mask", "eval_tofu", "aggregate"),

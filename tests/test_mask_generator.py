@@ -119,9 +119,6 @@ def test_random_mask_bytes_deterministic(model, tmp_path):
     assert meta["method"] == "random_down" and meta["n_selected"] == 12 and meta["d_ff"] == D_FF
 
 
-def test_mask_path():
-    p = mg.mask_path("/m", "grad_down", "llama2", "forget10", "global", 0.1, 3)
-    assert p == "/m/grad_down/llama2/TOFU/default/forget10/grad_down_mask_global_0.1_s3.pt"
 
 
 # --------------------------------------------------------------------------- scores vs direct computations

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from checkpointer import Checkpointer
 from checkpoints import load_any_model
 from conftest import ROOT, run_script
 from dataloader import UnlearnDataset, get_loss
@@ -49,9 +50,8 @@ def test_a_few_fine_tuning_steps_lower_the_loss(tiny_path, tmp_path):
     batch = data.collate([data[i] for i in range(len(data))])
     with torch.no_grad():
         before = learn(model, batch, None, {}).item()
-    saved = lambda path: model.save_pretrained(path, state_dict=plain_state_dict(model))  # noqa: E731
     train(model, list(model.parameters()), data, lambda m, b: learn(m, b, None, {}),
-          TrainSettings(**{**SETTINGS, "epochs": 3}), tmp_path, saved)
+          TrainSettings(**{**SETTINGS, "epochs": 3}), Checkpointer(tmp_path))
     with torch.no_grad():
         after = learn(model, batch, None, {}).item()
     assert after < before - 0.5
@@ -70,7 +70,7 @@ def test_length_grouped_epochs_cover_every_example_once_with_less_padding(tiny_p
             return get_loss("learn")(m, b, None, {})
 
         settings = TrainSettings(**{**SETTINGS, "epochs": 2, "batch_size": 4, "lr": 0.0, "group_by_length": grouped})
-        train(model, list(model.parameters()), data, record, settings, tmp_path / str(grouped), lambda path: None)
+        train(model, list(model.parameters()), data, record, settings, Checkpointer(tmp_path / str(grouped)))
         assert len(batches) == settings.steps_per_epoch(len(data)) * 2
         for epoch in (batches[: len(batches) // 2], batches[len(batches) // 2:]):
             assert sorted(i for b in epoch for i in b) == list(range(len(data)))
@@ -132,7 +132,7 @@ def test_mask_locality_and_optimizer_state(tiny_path, tmp_path):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5 * model.config.hidden_size
     spec = get_loss("grad_diff")
     train(model, trainable, data, lambda m, b: spec(m, b, None, {"hyper_param": 1.0}), TrainSettings(**SETTINGS),
-          tmp_path, lambda path: None)
+          Checkpointer(tmp_path))
     after = plain_state_dict(model)
     assert set(after) == set(before)
     for name, value in after.items():
@@ -250,7 +250,7 @@ def test_lora_checkpoint_is_a_plain_merged_model(tiny_path, tmp_path):
     learn = get_loss("learn")
     # LoRA's B starts at zero, so one step cannot move the merged weights: train a few.
     train(peft_model, trainable, data, lambda m, b: learn(m, b, None, {}), TrainSettings(**{**SETTINGS, "epochs": 2}),
-          tmp_path, lambda path: None)
+          Checkpointer(tmp_path))
     merged = plain_state_dict(peft_model)
     assert set(merged) == set(before)
     for name, value in merged.items():
@@ -309,7 +309,7 @@ def _train_at_small_lr(tiny_path, tmp_path, dtype: torch.dtype, kind: str):
     before = [p.detach().clone() for p in trainable]
     ga = get_loss("ga")
     settings = TrainSettings(**{**SETTINGS, "lr": 1e-5, "weight_decay": 0.0, "epochs": 16, "batch_size": 40})
-    train(model, trainable, data, lambda m, b: ga(m, b, None, {}), settings, tmp_path, lambda path: None)
+    train(model, trainable, data, lambda m, b: ga(m, b, None, {}), settings, Checkpointer(tmp_path))
     return before, trainable, model
 
 
@@ -335,8 +335,7 @@ def test_bf16_training_keeps_fp32_masters_and_saves_in_bf16(tiny_path, tmp_path,
 
 def test_bf16_masked_run_resumes_from_its_fp32_masters(tiny_path, tmp_path):
     """Resuming restores the masked values from the trainer state, not from their bf16-rounded columns."""
-    from checkpoints import load_plain_weights
-    from trainer import load_resume_state, restore_trainable, resumable_checkpoint
+    from layout import resumable_checkpoint
 
     tok, data = _dataset(tiny_path)
     spec = get_loss("ga")
@@ -345,14 +344,9 @@ def test_bf16_masked_run_resumes_from_its_fp32_masters(tiny_path, tmp_path):
                                 "save_each_epoch": True})
 
     def run(out: Path, stop_after: int | None = None) -> list[torch.Tensor]:
-        resume_from = resumable_checkpoint(out)
+        checkpointer = Checkpointer(out)
         model = load_model(str(tiny_path), torch.device("cpu"), torch.bfloat16)
-        state = load_resume_state(resume_from) if resume_from else None
-        if resume_from:
-            load_plain_weights(model, resume_from)
-        trainable = MaskedValues(indices).attach(model).parameters()
-        if state:
-            restore_trainable(model, state)
+        model, trainable = checkpointer.resume(model, lambda m: (m, MaskedValues(indices).attach(m).parameters()))
         calls = []
 
         def loss_fn(m, b):
@@ -361,8 +355,7 @@ def test_bf16_masked_run_resumes_from_its_fp32_masters(tiny_path, tmp_path):
             calls.append(1)
             return spec(m, b, None, {})
 
-        train(model, trainable, data, loss_fn, settings, out,
-              lambda path: model.save_pretrained(path, state_dict=plain_state_dict(model)), state)
+        train(model, trainable, data, loss_fn, settings, checkpointer)
         return [p.detach().clone() for p in trainable]
 
     reference = run(tmp_path / "ref")
