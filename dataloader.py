@@ -3,10 +3,12 @@
 Reading the splits themselves is tofu.py's (below the models, whose tiny family trains its tokenizer on them)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -265,6 +267,33 @@ def get_loss(name: str) -> LossSpec:
     raise ConfigError(f"unknown forget_loss={name!r}; expected one of {sorted(LOSSES)} or rmu_<layer>")
 
 
+# ---- a loss's terms, for logging ----
+
+_TERMS: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("loss_terms", default=None)
+
+
+def loss_terms(**terms: torch.Tensor) -> torch.Tensor:
+    """A composite loss: the sum of its named terms, each with its weight applied (`forget`: the term that learns or
+    unlearns, `retain`: the regulariser). A loss returns this sum as it would return any scalar; the terms reach
+    whoever wraps the call in `recording_loss_terms()` (the trainer: history and TensorBoard's train/loss_<name>)."""
+    recorder = _TERMS.get()
+    if recorder is not None:
+        recorder.update({name: value.detach() for name, value in terms.items()})
+    return sum(terms.values())
+
+
+@contextlib.contextmanager
+def recording_loss_terms() -> Iterator[dict[str, torch.Tensor]]:
+    """A dict that receives, detached, the terms of the losses computed inside the block (empty for a loss of a
+    single term)."""
+    terms: dict[str, torch.Tensor] = {}
+    token = _TERMS.set(terms)
+    try:
+        yield terms
+    finally:
+        _TERMS.reset(token)
+
+
 # ---- shared helpers ----
 
 
@@ -397,7 +426,8 @@ def learn_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg:
 
 @register_loss("learn_reg", parts=("forget", "retain"), hyper_param=Knob("λ", 1.0, "weight of the retain NLL"))
 def learn_reg_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
-    return nll_loss(model, batch["forget"]) + cfg["hyper_param"] * nll_loss(model, batch["retain"])
+    return loss_terms(forget=nll_loss(model, batch["forget"]),
+                      retain=cfg["hyper_param"] * nll_loss(model, batch["retain"]))
 
 
 @register_loss("ga", parts=("forget",))
@@ -407,7 +437,8 @@ def ga_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Ma
 
 @register_loss("grad_diff", parts=("forget", "retain"), hyper_param=Knob("λ", 1.0, "weight of the retain NLL"))
 def grad_diff_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
-    return -nll_loss(model, batch["forget"]) + cfg["hyper_param"] * nll_loss(model, batch["retain"])
+    return loss_terms(forget=-nll_loss(model, batch["forget"]),
+                      retain=cfg["hyper_param"] * nll_loss(model, batch["retain"]))
 
 
 def retain_kl(model: nn.Module, ref_model: nn.Module, retain: Part) -> torch.Tensor:
@@ -426,7 +457,7 @@ def retain_kl(model: nn.Module, ref_model: nn.Module, retain: Part) -> torch.Ten
                hyper_param=Knob("λ", 1.0, "weight of the retain KL"))
 def kl_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
     kl = retain_kl(model, _resident(ref_model, "kl"), batch["retain"])
-    return -nll_loss(model, batch["forget"]) + cfg["hyper_param"] * kl
+    return loss_terms(forget=-nll_loss(model, batch["forget"]), retain=cfg["hyper_param"] * kl)
 
 
 @register_loss("learn_kl", parts=("forget", "retain"), resident_ref=True,
@@ -434,7 +465,7 @@ def kl_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Ma
 def learn_kl_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
     # Injection that keeps the starting model's retain distributions, not only its retain answers.
     kl = retain_kl(model, _resident(ref_model, "learn_kl"), batch["retain"])
-    return nll_loss(model, batch["forget"]) + cfg["hyper_param"] * kl
+    return loss_terms(forget=nll_loss(model, batch["forget"]), retain=cfg["hyper_param"] * kl)
 
 
 @register_loss("wga", parts=("forget", "retain"), uses_retain_weight=True,
@@ -444,7 +475,7 @@ def wga_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: M
     # Detached p_t^beta: tokens the model already finds unlikely stop driving the ascent.
     weights = torch.exp(-nll).detach().pow(cfg["hyper_param"])
     forget_term = -(weights * nll).sum() / mask.sum().clamp(min=1)
-    return forget_term + cfg["retain_weight"] * nll_loss(model, batch["retain"])
+    return loss_terms(forget=forget_term, retain=cfg["retain_weight"] * nll_loss(model, batch["retain"]))
 
 
 @register_loss("npo", parts=("forget", "retain"), cached_ref=("forget",), uses_retain_weight=True,
@@ -454,7 +485,7 @@ def npo_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: M
     nll = sequence_nll(model, batch["forget"])
     # log pi_theta - log pi_ref = ref_nll - nll
     forget_term = (2.0 / beta) * F.softplus(beta * (_ref_nll(batch, "forget", nll) - nll)).mean()
-    return forget_term + cfg["retain_weight"] * nll_loss(model, batch["retain"])
+    return loss_terms(forget=forget_term, retain=cfg["retain_weight"] * nll_loss(model, batch["retain"]))
 
 
 @register_loss("simnpo", parts=("forget", "retain"), uses_retain_weight=True,
@@ -467,7 +498,7 @@ def simnpo_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg
     mean_nll = nll.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
     # -(2/beta) log sigmoid(-(beta/|y|) log pi(y|x) - gamma) = (2/beta) softplus(gamma - beta * mean_nll)
     forget_term = (2.0 / beta) * F.softplus(gamma - beta * mean_nll).mean()
-    return forget_term + cfg["retain_weight"] * nll_loss(model, batch["retain"])
+    return loss_terms(forget=forget_term, retain=cfg["retain_weight"] * nll_loss(model, batch["retain"]))
 
 
 @register_loss("dpo", parts=("forget", "idk", "retain"), cached_ref=("forget", "idk"), uses_retain_weight=True,
@@ -479,12 +510,13 @@ def dpo_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: M
     win_logratio = _ref_nll(batch, "idk", nll_idk) - nll_idk
     lose_logratio = _ref_nll(batch, "forget", nll_forget) - nll_forget
     forget_term = (2.0 / beta) * F.softplus(-beta * (win_logratio - lose_logratio)).mean()
-    return forget_term + cfg["retain_weight"] * nll_loss(model, batch["retain"])
+    return loss_terms(forget=forget_term, retain=cfg["retain_weight"] * nll_loss(model, batch["retain"]))
 
 
 @register_loss("idk", parts=("idk", "retain"), uses_retain_weight=True)
 def idk_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: Mapping[str, Any]) -> torch.Tensor:
-    return nll_loss(model, batch["idk"]) + cfg["retain_weight"] * nll_loss(model, batch["retain"])
+    return loss_terms(forget=nll_loss(model, batch["idk"]),
+                      retain=cfg["retain_weight"] * nll_loss(model, batch["retain"]))
 
 
 @register_loss("rmu", parts=("forget", "retain"), resident_ref=True, uses_retain_weight=True,
@@ -507,7 +539,7 @@ def rmu_loss(model: nn.Module, batch: Batch, ref_model: nn.Module | None, cfg: M
         ref_model = _resident(ref_model, "rmu")
         ref_hidden = capture_outputs(ref_model, retain, [decoder_layers(ref_model)[layer]])[0].to(hidden.device)
     retain_term = _masked_token_mse(hidden, ref_hidden, retain["labels"] != IGNORE_INDEX)
-    return forget_term + cfg["retain_weight"] * retain_term
+    return loss_terms(forget=forget_term, retain=cfg["retain_weight"] * retain_term)
 
 
 @register_loss("rt_diff", parts=("forget",), resident_ref=True)

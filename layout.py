@@ -30,6 +30,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 INFO_FILE = "trainer_state.json"  # step, final flag, loss history
 STATE_FILE = "trainer_state.pt"  # optimizer state and trainable fp32 masters, in the newest checkpoint only
 RUN_CONFIG = "run_config.json"  # the resolved unlearn.py config
+TENSORBOARD_DIR = "tensorboard"  # report_to=tensorboard: the training scalars' event files, in the run directory
 EVAL_DIR = "eval_results"
 EVAL_RESULT_RE = re.compile(r"eval_.*\.json")
 

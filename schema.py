@@ -124,6 +124,7 @@ class UnlearnConfig:
     save_each_epoch: bool = MISSING
     save_format: Optional[str] = MISSING
     deepspeed: Optional[str] = MISSING
+    report_to: str = MISSING
 
 
 @dataclass

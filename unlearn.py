@@ -24,7 +24,7 @@ from models import DTYPES, family_config, load_tokenizer, resolve_model_path, re
 from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
 from schema import UnlearnConfig, foreign_knobs, hydra_entry, register, to_dict, unique_knobs, with_family_defaults, with_knobs
 from tofu import load_tofu, retain_split_for
-from trainer import NonFiniteLoss, TrainSettings, train
+from trainer import NonFiniteLoss, TrainSettings, check_report_to, train
 
 log = logging.getLogger("loc_unlearn")
 
@@ -70,7 +70,7 @@ def resolve_loss_knobs(spec: LossSpec, c: dict[str, Any]) -> dict[str, Any]:
 
 # Keys that change where or how often a run is saved, not what it computes.
 NOT_RESULT_KEYS = {"save_root", "output_dir", "save_checkpoint", "save_steps", "save_each_epoch", "save_format",
-                   "deepspeed"}
+                   "deepspeed", "report_to"}
 
 
 def check_same_run(out: Path, c: dict[str, Any]) -> None:
@@ -104,6 +104,7 @@ def unlearn(cfg: DictConfig) -> None:
     seed_everything(c["seed"])
     spec = get_loss(c["forget_loss"])
     c = resolve_loss_knobs(spec, c)
+    check_report_to(c["report_to"])
     if c["deepspeed"] and not Path(c["deepspeed"]).is_file():
         raise ConfigError(f"deepspeed={c['deepspeed']} does not exist; expected a DeepSpeed JSON (config/ds_config.json)")
     if c["mask_path"] and c["lora_r"] > 0:
@@ -175,7 +176,7 @@ def unlearn(cfg: DictConfig) -> None:
     settings = TrainSettings(**{k: c[k] for k in ("lr", "weight_decay", "epochs", "batch_size", "grad_accum",
                                                   "warmup_ratio", "lr_scheduler", "max_grad_norm", "seed",
                                                   "save_checkpoint", "save_steps", "save_each_epoch",
-                                                  "group_by_length", "deepspeed")})
+                                                  "group_by_length", "deepspeed", "report_to")})
     log.info("training %d tensors (%d values) with %s; writing to %s", len(trainable),
              sum(p.numel() for p in trainable), c["forget_loss"], out)
     try:
