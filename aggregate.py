@@ -259,7 +259,8 @@ def load_group(paths: Sequence[str], args: argparse.Namespace) -> list[dict[str,
         elif path.is_dir() or path.is_file():
             records += json.loads((path / "runs.json" if path.is_dir() else path).read_text())["runs"]
         else:
-            raise ConfigError(f"{path} does not exist; expected a runs.json, a `runs --out` directory or a run directory")
+            raise ConfigError(f"{path} does not exist; expected a runs.json, a `runs --out` directory or a run "
+                              "directory")
     return records
 
 
@@ -421,9 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"also plot privleak against RS ({PRIVLEAK_PLOT}); every model needs privleak")
     runs.set_defaults(func=cmd_runs)
 
-    group_help = ("NAME PATH [PATH ...]: a group of runs, repeatable. A PATH is a runs.json from `runs`, a `runs --out` "
-                  "directory (all its runs belong to the group), or a run directory (scored now with --theta-o, "
-                  "--forget-split, --aues and --mu-threshold).")
+    group_help = ("NAME PATH [PATH ...]: a group of runs, repeatable. A PATH is a runs.json from `runs`, a "
+                  "`runs --out` directory (all its runs belong to the group), or a run directory (scored now with "
+                  "--theta-o, --forget-split, --aues and --mu-threshold).")
     compare = commands.add_parser(
         "compare", parents=[scoring],
         help="seed-paired comparison of two groups (mean ± std, |Δ|, permutation p)",
@@ -431,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{RUN_CONFIG} when every run has one (the sets of seeds must match), else by the order the runs "
                     "are given (within a runs.json: its order). |Δ| is the mean over pairs of |a - b|; p is the exact "
                     "paired permutation test (metrics.compare_groups).",
-        epilog="example: aggregate.py compare --group oracle results/oracle --group random results/random --out cmp.json")
+        epilog="example: aggregate.py compare --group oracle results/oracle --group random results/random "
+               "--out cmp.json")
     methods = commands.add_parser(
         "methods", parents=[scoring],
         help="AUES and MU95 (mean ± std over runs) per group",
@@ -447,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto: by seed when every run has one, else by position (default: auto)")
 
     injection = commands.add_parser(
-        "injection", parents=[split], help="theta_o's Forget/Retain Strength against theta_r's (did the injection work?)",
+        "injection", help="theta_o's Forget/Retain Strength against theta_r's (did the injection work?)",
+        parents=[split],
         description="The controlled experiment's check on theta_o (theta_r with the forget set trained into V_tgt): "
                     "its Forget Strength must be at least --min-fs-drop below theta_r's, its Retain Strength within "
                     "--max-rs-drop of theta_r's. Reads each model's eval_tofu.py result; exits with status 1, naming "

@@ -76,7 +76,8 @@ def weights_fingerprint(model_dir: Path) -> str:
                 if name == "__metadata__":
                     continue
                 start, end = entry["data_offsets"]
-                for offset in sorted({start, max(start, (start + end - SAMPLE_BYTES) // 2), max(start, end - SAMPLE_BYTES)}):
+                for offset in sorted({start, max(start, (start + end - SAMPLE_BYTES) // 2),
+                                      max(start, end - SAMPLE_BYTES)}):
                     f.seek(8 + header_size + offset)
                     digest.update(f.read(min(SAMPLE_BYTES, end - offset)))
     if (model_dir / COMPACT_META).is_file():
@@ -174,7 +175,8 @@ def load_plain_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     if getattr(model.config, "tie_word_embeddings", False):  # a tied head is saved once, as the embedding
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise RuntimeError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
 
 
 class ModelSwitcher:

@@ -104,7 +104,7 @@ class QADataset(Dataset):
 
     @classmethod
     def from_rows(cls, rows: Iterable[dict], tokenizer, family: dict[str, Any], max_length: int,
-                  answer_key: str = "answer") -> "QADataset":
+                  answer_key: str = "answer") -> QADataset:
         items = [encode_qa(tokenizer, family, r["question"], r[answer_key], max_length) for r in rows]
         return cls(items, tokenizer.pad_token_id)
 

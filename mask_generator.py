@@ -131,7 +131,8 @@ def accumulate_statistics(
     return _stat_method(name).accumulate(model, forget_batches, retain_batches, method_config(name, cfg))
 
 
-def finalize_statistics(name: str, model: nn.Module, stats: Stats, cfg: Mapping[str, Any] | None = None) -> torch.Tensor:
+def finalize_statistics(name: str, model: nn.Module, stats: Stats, cfg: Mapping[str, Any] | None = None
+                        ) -> torch.Tensor:
     """Scores from (already merged / all-reduced) statistics."""
     return _stat_method(name).finalize(model, stats, method_config(name, cfg))
 
@@ -151,7 +152,8 @@ def _stat_method(name: str) -> StatMethod:
     try:
         return STATISTICS[name]
     except KeyError:
-        raise ValueError(f"attribution {name!r} has no accumulate/finalize form; available: {sorted(STATISTICS)}") from None
+        raise ValueError(f"attribution {name!r} has no accumulate/finalize form; available: "
+                         f"{sorted(STATISTICS)}") from None
 
 
 def _register_two_phase(name: str, accumulate, finalize, knobs: Sequence[Knob] = ()) -> None:
@@ -253,7 +255,8 @@ SHAPE_ONLY = frozenset({"random_down"})
 
 
 @register_attribution("random_down")
-def random_down(model: nn.Module | PretrainedConfig, forget_batches, retain_batches, cfg: Mapping[str, Any]) -> torch.Tensor:
+def random_down(model: nn.Module | PretrainedConfig, forget_batches, retain_batches, cfg: Mapping[str, Any]
+                ) -> torch.Tensor:
     """Uniform random scores from a generator seeded with cfg["seed"] (top-k = uniform random subset)."""
     if cfg.get("seed") is None:
         raise ValueError("random_down needs cfg['seed']")
@@ -381,7 +384,8 @@ def _wagle_finalize(model, stats, cfg) -> torch.Tensor:
     sf = _loss_scale(stats, "n_tok_f", cfg)
     sr = _loss_scale(stats, "n_tok_r", cfg)
     out = []
-    for layer, w in enumerate([down.weight for down in value_vectors(model)]):  # per layer: bounded temporaries on big models
+    # Per layer: bounded temporaries on big models.
+    for layer, w in enumerate([down.weight for down in value_vectors(model)]):
         theta = w.detach().double().to(stats["grad_f"].device)
         gf = stats["grad_f"][layer].double() * sf
         gr = stats["grad_r"][layer].double() * sr
@@ -404,7 +408,8 @@ def _example_seed(seed: int, copy: int, input_ids: torch.Tensor, labels: torch.T
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def corrupt_answers(batch: Batch, vocab_size: int, seed: int, copy: int, corrupt_inputs: bool = True) -> dict[str, torch.Tensor]:
+def corrupt_answers(batch: Batch, vocab_size: int, seed: int, copy: int, corrupt_inputs: bool = True
+                    ) -> dict[str, torch.Tensor]:
     """MemFlex random-label copy: in each example, floor(n/2) distinct answer tokens (labels != -100) are replaced
     by uniform random ids in [0, vocab_size).  The draw depends only on (seed, copy, the example's real tokens).
     ``corrupt_inputs``: also write the random ids into input_ids (the reference implementation corrupts the
@@ -418,7 +423,8 @@ def corrupt_answers(batch: Batch, vocab_size: int, seed: int, copy: int, corrupt
         k = answer.numel() // 2
         if k == 0:
             continue
-        gen = torch.Generator().manual_seed(_example_seed(seed, copy, batch["input_ids"][b], batch["labels"][b], mask[b]))
+        gen = torch.Generator().manual_seed(_example_seed(seed, copy, batch["input_ids"][b], batch["labels"][b],
+                                                          mask[b]))
         pick = answer[torch.randperm(answer.numel(), generator=gen)[:k].to(answer.device)]
         new = torch.randint(0, int(vocab_size), (k,), generator=gen).to(labels.device)
         labels[b, pick] = new
@@ -473,8 +479,10 @@ def _memflex_loss_terms(cfg: Mapping[str, Any], vocab: int) -> LossTerms:
 def _memflex_accumulate(model, forget_batches, retain_batches, cfg) -> Stats:
     vocab = _memflex_vocab(model, cfg)
     loss_terms = _memflex_loss_terms(cfg, vocab)
-    gf, nf = _grad_sum(model, _require(forget_batches, "forget", "memflex_down"), "memflex_down forget", cfg, loss_terms)
-    gr, nr = _grad_sum(model, _require(retain_batches, "retain", "memflex_down"), "memflex_down retain", cfg, loss_terms)
+    gf, nf = _grad_sum(model, _require(forget_batches, "forget", "memflex_down"), "memflex_down forget", cfg,
+                       loss_terms)
+    gr, nr = _grad_sum(model, _require(retain_batches, "retain", "memflex_down"), "memflex_down retain", cfg,
+                       loss_terms)
     return {"grad_f": gf, "n_f": nf, "grad_r": gr, "n_r": nr}
 
 
@@ -484,7 +492,8 @@ _FINALIZE_BLOCK_BYTES = 8 << 20  # float64 bytes of one block of value vectors i
 def _memflex_stats_from(stats: Stats) -> tuple[torch.Tensor, torch.Tensor]:
     for key in ("n_f", "n_r"):
         if stats[key].item() == 0:
-            raise ValueError(f"memflex_down: no example with an answer token in the {'forget' if key == 'n_f' else 'retain'} set")
+            raise ValueError(f"memflex_down: no example with an answer token in the "
+                             f"{'forget' if key == 'n_f' else 'retain'} set")
     n_layers, d_model, d_ff = stats["grad_f"].shape
     # Every statistic is per value vector (column), so the float64 copies are made a block of columns at a time:
     # the temporaries stay at a few times _FINALIZE_BLOCK_BYTES instead of several layers' worth, which was the
@@ -533,7 +542,8 @@ _register_two_phase("memflex_down", _memflex_accumulate, _memflex_finalize, MEMF
 
 def memflex_statistics(model: nn.Module, forget_batches: Iterable[Batch], retain_batches: Iterable[Batch],
                        cfg: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cosine(g_f, g_r), mean |g_f|), each (n_layers, d_ff) float64, per value vector (all-reduced when distributed)."""
+    """(cosine(g_f, g_r), mean |g_f|), each (n_layers, d_ff) float64, per value vector (all-reduced when
+    distributed)."""
     cfg = method_config("memflex_down", cfg)
     stats = all_reduce_statistics(_memflex_accumulate(model, forget_batches, retain_batches, cfg))
     return _memflex_stats_from(stats)
@@ -679,8 +689,8 @@ def ig_token_attributions(model: nn.Module, batch: Batch, steps: int, mode: str 
                 pos3 = pos.repeat(r, 1).unsqueeze(-1)
                 # The scaled linear parts are leaves: at prediction positions, where they make down_proj's output,
                 # their gradient is dF/d(output); elsewhere it is 0 and never read.
-                scaled = {layer: (linear_part[layer] * alpha).to(linear_part[layer].dtype).flatten(0, 1).requires_grad_()
-                          for layer in group}
+                scaled = {layer: (linear_part[layer] * alpha).to(linear_part[layer].dtype).flatten(0, 1)
+                          .requires_grad_() for layer in group}
                 start, above = group[0], group[1:]
 
                 def scaled_output(layer: int, output: torch.Tensor, scaled=scaled, pos3=pos3) -> torch.Tensor:
@@ -748,7 +758,8 @@ _register_two_phase("ig_down", _ig_accumulate, _ig_finalize, [
 if __name__ == "__main__":
     # Here, not in schema.py: printing the tables needs both registries, and schema.py sits below them.
     if sys.argv[1:] != ["knobs"]:
-        raise SystemExit("usage: python mask_generator.py knobs   # the knob tables of docs/losses.md and docs/attribution.md")
+        raise SystemExit("usage: python mask_generator.py knobs   "
+                         "# the knob tables of docs/losses.md and docs/attribution.md")
     from dataloader import LOSSES
     from schema import attribution_table, loss_table
 

@@ -82,7 +82,8 @@ def masked_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, module) for name, module in model.named_modules() if hasattr(module, MASKED_VALUES)]
 
 
-def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> tuple[nn.Module, list]:
+def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]
+               ) -> tuple[nn.Module, list]:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),

@@ -58,7 +58,8 @@ def n_select(ratio: float, total: int) -> int:
 
 def _check_scores(scores: torch.Tensor) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.is_floating_point():
-        raise ValueError(f"scores must be a float tensor (n_layers, d_ff), got {getattr(scores, 'shape', type(scores))}")
+        raise ValueError(f"scores must be a float tensor (n_layers, d_ff), got "
+                         f"{getattr(scores, 'shape', type(scores))}")
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN; cannot rank")
     return scores.detach().cpu().double()
@@ -69,7 +70,8 @@ def _top_order(flat: torch.Tensor) -> torch.Tensor:
     return torch.sort(-flat, stable=True).indices
 
 
-def select_top(scores: torch.Tensor, ratio: float, per_layer: bool = False, finite_only: bool = False) -> list[torch.Tensor]:
+def select_top(scores: torch.Tensor, ratio: float, per_layer: bool = False, finite_only: bool = False
+               ) -> list[torch.Tensor]:
     """Top value vectors by score: per layer, sorted int64 indices.
 
     Exactly round(ratio * n_layers * d_ff) vectors in total, or with ``per_layer`` round(ratio * d_ff) in
@@ -106,17 +108,20 @@ def _check_indices(indices: Any, what: str, n_layers: int | None = None, d_ff: i
     if not isinstance(indices, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in indices):
         raise ValueError(f"{what}: indices must be a list of 1-D integer tensors (one per layer)")
     if n_layers is not None and len(indices) != n_layers:
-        raise ValueError(f"{what}: has {len(indices)} layers but the model has {n_layers}; it was made for a different model")
+        raise ValueError(f"{what}: has {len(indices)} layers but the model has {n_layers}; it was made for a "
+                         "different model")
     out = []
     for layer, t in enumerate(indices):
         if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"{what}: layer {layer} indices must be a 1-D integer tensor, got dtype {t.dtype} shape {tuple(t.shape)}")
+            raise ValueError(f"{what}: layer {layer} indices must be a 1-D integer tensor, got dtype {t.dtype} "
+                             f"shape {tuple(t.shape)}")
         t = t.detach().cpu().to(torch.int64)
         if t.numel():
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or (d_ff is not None and hi >= d_ff):
                 bad = lo if lo < 0 else hi
-                raise ValueError(f"{what}: layer {layer} has index {bad} out of range [0, {d_ff if d_ff is not None else 'd_ff'})")
+                raise ValueError(f"{what}: layer {layer} has index {bad} out of range "
+                                 f"[0, {d_ff if d_ff is not None else 'd_ff'})")
         uniq, counts = torch.unique(t, return_counts=True)
         if (counts > 1).any():
             raise ValueError(f"{what}: layer {layer} has duplicated indices {uniq[counts > 1].tolist()[:10]}")
@@ -124,8 +129,10 @@ def _check_indices(indices: Any, what: str, n_layers: int | None = None, d_ff: i
     return out
 
 
-def random_complement(target: Sequence[torch.Tensor], d_ff: int, n_layers: int, count: int, seed: int) -> list[torch.Tensor]:
-    """``count`` value vectors drawn uniformly at random (torch.Generator seeded with ``seed``) from outside ``target``."""
+def random_complement(target: Sequence[torch.Tensor], d_ff: int, n_layers: int, count: int, seed: int
+                      ) -> list[torch.Tensor]:
+    """``count`` value vectors drawn uniformly at random (torch.Generator seeded with ``seed``) from outside
+    ``target``."""
     tgt = _check_indices(list(target), "random_complement target", n_layers, d_ff)
     if isinstance(count, bool) or int(count) != count or count < 0:
         raise ValueError(f"count must be a non-negative integer, got {count!r}")
@@ -134,7 +141,8 @@ def random_complement(target: Sequence[torch.Tensor], d_ff: int, n_layers: int, 
         taken[layer * d_ff + t] = True
     free = (~taken).nonzero().flatten()
     if count > free.numel():
-        raise ValueError(f"cannot draw {count} complement vectors: only {free.numel()} of {n_layers * d_ff} are outside the target")
+        raise ValueError(f"cannot draw {count} complement vectors: only {free.numel()} of {n_layers * d_ff} are "
+                         "outside the target")
     gen = torch.Generator().manual_seed(int(seed))
     chosen = free[torch.randperm(free.numel(), generator=gen)[: int(count)]]
     return _split_flat(chosen, n_layers, d_ff)
@@ -157,13 +165,15 @@ def _primitive(obj: Any) -> Any:
         return {str(k): _primitive(v) for k, v in obj.items()}
     if isinstance(obj, (set, frozenset)):
         return sorted((_primitive(v) for v in obj), key=repr)
-    if isinstance(obj, (list, tuple)) or (hasattr(obj, "__iter__") and hasattr(obj, "__len__") and not isinstance(obj, (bytes, torch.Tensor))):
+    if isinstance(obj, (list, tuple)) or (hasattr(obj, "__iter__") and hasattr(obj, "__len__")
+                                          and not isinstance(obj, (bytes, torch.Tensor))):
         return [_primitive(v) for v in obj]
     return str(obj)
 
 
 def make_meta(method: str, variant: str, ratio: float, seed: int, model_family: str, n_layers: int, d_ff: int,
-              forget_split: str, data_source: str, config: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+              forget_split: str, data_source: str, config: Mapping[str, Any] | None = None, **extra: Any
+              ) -> dict[str, Any]:
     """The metadata dict stored in a mask file (plain primitives)."""
     meta = {
         "method": method, "variant": variant, "ratio": ratio, "seed": seed, "model_family": model_family,
@@ -206,7 +216,8 @@ def save_mask(path: str | os.PathLike, indices: Sequence[torch.Tensor], meta: Ma
         raise
 
 
-def load_mask(path: str | os.PathLike, n_layers: int | None = None, d_ff: int | None = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
+def load_mask(path: str | os.PathLike, n_layers: int | None = None, d_ff: int | None = None
+              ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Load and validate a mask file; returns (indices per layer as int64, meta).  Every problem is a ValueError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -215,7 +226,8 @@ def load_mask(path: str | os.PathLike, n_layers: int | None = None, d_ff: int | 
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError / BadZipFile ...
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValueError(f"mask file {path} is unreadable (corrupt or truncated?): {type(exc).__name__}: {first_line}") from exc
+        raise ValueError(f"mask file {path} is unreadable (corrupt or truncated?): {type(exc).__name__}: "
+                         f"{first_line}") from exc
     if not isinstance(obj, dict) or "indices" not in obj or "meta" not in obj or "format" not in obj:
         raise ValueError(f"{path} is not a loc-unlearn mask (expected a dict with 'format', 'indices', 'meta')")
     if obj["format"] != MASK_FORMAT:
@@ -284,7 +296,8 @@ def jaccard_markdown(comparison: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_layer_distribution(named_masks: Mapping[str, Sequence[torch.Tensor]], d_ff: int, png_path: str | os.PathLike) -> None:
+def plot_layer_distribution(named_masks: Mapping[str, Sequence[torch.Tensor]], d_ff: int,
+                            png_path: str | os.PathLike) -> None:
     """PNG of the fraction of each layer's value vectors selected, one line per mask (Agg, no global backend change)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -321,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cmp_ = sub.add_parser("compare", help="Jaccard overlap table + per-layer distribution of mask files")
     cmp_.add_argument("masks", nargs="+", metavar="MASK")
-    cmp_.add_argument("--out", required=True, metavar="DIR", help="writes DIR/layer_distribution.png and DIR/compare.json")
+    cmp_.add_argument("--out", required=True, metavar="DIR",
+                      help="writes DIR/layer_distribution.png and DIR/compare.json")
     args = parser.parse_args(argv)
     try:
         return _compare_cli(args.masks, args.out)

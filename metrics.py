@@ -8,8 +8,8 @@ import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from numpy.typing import ArrayLike
 from nltk.stem import porter
+from numpy.typing import ArrayLike
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_tokenize
 from rouge_score import tokenizers as rouge_tokenizers
@@ -72,7 +72,8 @@ def normalized_true_prob(p_true: ArrayLike, p_wrong: ArrayLike) -> np.ndarray:
 def truth_ratio(p_paraphrased: ArrayLike, p_perturbed: ArrayLike) -> np.ndarray:
     """Truth ratio r = geometric mean_j P(perturbed_j) / P(paraphrased), per sample.
 
-    p_paraphrased has shape (n,), p_perturbed (n, k). A zero probability gives the limit (0 or inf) rather than an error.
+    p_paraphrased has shape (n,), p_perturbed (n, k). A zero probability gives the limit (0 or inf) rather than an
+    error.
     """
     p_para = _as_1d(p_paraphrased, "p_paraphrased")
     p_pert = np.asarray(p_perturbed, dtype=float)
@@ -99,7 +100,8 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> np.
     """Per-sample ROUGE-L recall (LCS length / reference length, Porter-stemmed tokens) of each prediction."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    return np.array([_ROUGE.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)], dtype=float)
+    return np.array([_ROUGE.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)],
+                    dtype=float)
 
 
 def forget_quality(truth_ratios_model: ArrayLike, truth_ratios_retain_model: ArrayLike | None) -> float | None:
@@ -144,7 +146,8 @@ def extraction_strength_batch(correct: ArrayLike, mask: ArrayLike, convention: s
         mask = mask & (np.cumsum(mask, axis=1) < mask.sum(axis=1, keepdims=True))
     n = mask.sum(axis=1)
     # Greedy decoding from a prefix reproduces the rest iff every later teacher-forced prediction is right, so the
-    # shortest sufficient prefix ends at the last wrong answer token: k = its 1-based rank among answer tokens (0 if none).
+    # shortest sufficient prefix ends at the last wrong answer token: k = its 1-based rank among answer tokens
+    # (0 if none).
     rank = np.cumsum(mask, axis=1)
     k = np.where(mask & ~correct, rank, 0).max(axis=1, initial=0)
     if convention == "open_unlearning":
@@ -183,7 +186,8 @@ def retain_strength(es_retain: ArrayLike) -> float:
 
 
 def aues(rs: ArrayLike, fs: ArrayLike, method: str = "front") -> float:
-    """Area under the extraction-strength trade-off of a trajectory (theta_o then checkpoints), RS and FS clipped to [0, 1].
+    """Area under the extraction-strength trade-off of a trajectory (theta_o then checkpoints), RS and FS clipped to
+    [0, 1].
 
     method="front": integral over r in [0, 1] of F(r) = the highest FS among models with RS >= r (0 where none).
     method="trapezoid": area under the piecewise-linear curve through the points sorted by RS (equal RS merged, keeping

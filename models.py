@@ -11,8 +11,14 @@ from typing import Any
 import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 from transformers.utils import is_flash_attn_2_available
 
 from runtime import ConfigError, atomic_path, barrier, is_main
@@ -166,7 +172,8 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     if precision is None:
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in DTYPES:
-        raise ConfigError(f"precision={precision!r}; expected one of {sorted(DTYPES)} or null (bf16 on GPU, fp32 on CPU)")
+        raise ConfigError(f"precision={precision!r}; expected one of {sorted(DTYPES)} or null (bf16 on GPU, fp32 on "
+                          "CPU)")
     return precision
 
 

@@ -14,9 +14,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ from layout import TENSORBOARD_DIR
 from runtime import ConfigError, init_single_process_group, is_main, rank, world_size
 
 log = logging.getLogger("loc_unlearn")
+CPU = torch.device("cpu")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,7 +101,7 @@ def train(
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
     settings: TrainSettings,
     checkpointer: Checkpointer,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
 ) -> Path:
     """Train `trainable` to minimise `loss_fn` over `dataset`; return the final checkpoint directory.
 
@@ -114,7 +116,8 @@ def train(
     steps_per_epoch = settings.steps_per_epoch(len(dataset))
     total_steps = steps_per_epoch * settings.epochs
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = get_scheduler(settings.lr_scheduler, optimizer, math.ceil(settings.warmup_ratio * total_steps), total_steps)
+    scheduler = get_scheduler(settings.lr_scheduler, optimizer, math.ceil(settings.warmup_ratio * total_steps),
+                              total_steps)
     engine = _deepspeed_engine(model, trainable, optimizer, scheduler, settings, device) if settings.deepspeed else None
     step, history = checkpointer.restore_optimizer(optimizer, scheduler, engine)
     if step:
@@ -241,7 +244,7 @@ def _summary_writer_class() -> type:
 
 def _tensorboard(settings: TrainSettings, run_dir: Path, step: int) -> Any:
     """Rank 0's writer into <run dir>/tensorboard/ when report_to=tensorboard, else None. Events past `step` (logged
-    after the checkpoint a run resumes from) are purged, so a resumed run's curves continue without a doubled stretch."""
+    after the checkpoint a run resumes from) are purged: a resumed run's curves continue without a doubled stretch."""
     if settings.report_to != "tensorboard" or not is_main():
         return None
     return _summary_writer_class()(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=step + 1)

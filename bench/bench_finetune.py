@@ -29,8 +29,8 @@ import torch
 
 from dataloader import IGNORE_INDEX, QADataset, nll_loss, token_nll_from_logits
 from models import family_config, load_model, load_tokenizer
-from trainer import LengthGroupedBatchSampler
 from tofu import load_tofu
+from trainer import LengthGroupedBatchSampler
 
 CPU = torch.device("cpu")
 
@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     lengths = [len(e["input_ids"]) for e in data.items]
     answer = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in data.items)
     bs, n_batches = family["batch_size"], args.warmup + args.steps
-    print(f"{args.split}: {len(data)} examples, mean length {statistics.mean(lengths):.1f} tokens (max {max(lengths)}), "
-          f"answer tokens {answer / sum(lengths):.0%} of all; batch size {bs}; model {path}\n")
+    print(f"{args.split}: {len(data)} examples, mean length {statistics.mean(lengths):.1f} tokens "
+          f"(max {max(lengths)}), answer tokens {answer / sum(lengths):.0%} of all; batch size {bs}; model {path}\n")
 
     order = list(range(len(data)))
     random.Random(args.seed).shuffle(order)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import multiprocessing
 import subprocess
 import sys
@@ -136,7 +137,8 @@ def wide_model(n_layers: int, d_ff: int, d_model: int, vocab: int, seed: int) ->
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=n_layers,
-                      num_attention_heads=d_model // 128, num_key_value_heads=d_model // 128, max_position_embeddings=512)
+                      num_attention_heads=d_model // 128, num_key_value_heads=d_model // 128,
+                      max_position_embeddings=512)
     return LlamaForCausalLM(cfg).float().eval()
 
 
@@ -146,11 +148,12 @@ def wide_memory(args: argparse.Namespace, cfg: dict[str, Any], loaders: Sequence
     print(f"model: random-init Llama, {args.wide[0]} layers x {args.wide[1]} value vectors, d_model {args.wide[2]}, "
           f"vocab {vocab} ({model.num_parameters():,} parameters); reference: {reference.__file__}")
     print()
-    print("| method | peak RSS growth | reference peak RSS growth | ratio | max score difference / max score | same mask |")
+    print("| method | peak RSS growth | reference peak RSS growth | ratio | max score difference / max score "
+          "| same mask |")
     print("|---|---:|---:|---:|---:|---|")
     for name in args.methods:
-        peak, scores = in_fresh_process(lambda: compute_scores(name, model, *loaders, cfg))
-        ref_peak, ref_scores = in_fresh_process(lambda: reference.compute_scores(name, model, *loaders, cfg))
+        peak, scores = in_fresh_process(functools.partial(compute_scores, name, model, *loaders, cfg))
+        ref_peak, ref_scores = in_fresh_process(functools.partial(reference.compute_scores, name, model, *loaders, cfg))
         ratio = f"{peak / ref_peak:.2f}x" if peak is not None and ref_peak else "n/a"
         print(f"| {name} | {mib(peak or 0)} | {mib(ref_peak or 0)} | {ratio} | "
               f"{relative_difference(scores, ref_scores):.1e} | {same_mask(scores, ref_scores)} |")
@@ -174,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = load_tokenizer("tiny", model_path)
     model = load_model(model_path, torch.device("cpu"))
     forget_rows, retain_rows = forget_retain_rows(args.data_path, args.forget_split, args.n_examples, args.seed)
-    forget, retain = (QADataset.from_rows(rows, tokenizer, family, family["max_length"]) for rows in (forget_rows, retain_rows))
+    forget, retain = (QADataset.from_rows(rows, tokenizer, family, family["max_length"])
+                      for rows in (forget_rows, retain_rows))
     loaders = [DataLoader(ds, batch_size=cfg["batch_size"], collate_fn=ds.collate) for ds in (forget, retain)]
     n_layers, d_ff = value_vector_shape(model)
     n_tokens = sum(int((ds.collate(ds.items)["labels"] != IGNORE_INDEX).sum()) for ds in (forget, retain))

@@ -30,15 +30,16 @@ tokens per part and more they do; at 2 x 16 the full fine-tune row comes out neg
 of a decoder layer is d_model- or d_ff-wide or per head, and the answer-position logits are vocabulary-wide, so
 bytes per token are a + b x width: the least-squares line through the narrow widths, read at width 1, is the
 estimate, and its largest residual is printed as the check. The line follows the peak's moment at the narrow
-widths; should the peak move to another moment at full width, the true peak is higher (a lower bound). Sequences are half prompt, half answer. Tokens per
-micro-batch at scale count every sequence at the family's max_length (an upper bound) in each of the loss's parts.
+widths; should the peak move to another moment at full width, the true peak is higher (a lower bound). Sequences
+are half prompt, half answer. Tokens per micro-batch at scale count every sequence at the family's max_length (an
+upper bound) in each of the loss's parts.
 """
 from __future__ import annotations
 
 import argparse
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 # common must come first: it puts the repo root on sys.path for the imports below.
 from common import ROOT, print_header, tensor_bytes
@@ -114,7 +115,8 @@ def make_trainable(model: nn.Module, path: str, family: str) -> tuple[nn.Module,
     if path == "masked":
         return model, MaskedValues(random_mask(model)).attach(model).parameters()
     lora = CONFIG["forget_tofu"]
-    return apply_lora(model, LORA_R, lora["lora_alpha"], lora["lora_dropout"], family_config(family)["lora_target_modules"])
+    return apply_lora(model, LORA_R, lora["lora_alpha"], lora["lora_dropout"],
+                      family_config(family)["lora_target_modules"])
 
 
 def gradients_and_adamw_state(params: list[nn.Parameter]) -> tuple[int, int]:
@@ -140,7 +142,7 @@ class PeakTensorBytes(TorchDispatchMode):
     and add nothing.
     """
 
-    def __enter__(self) -> "PeakTensorBytes":
+    def __enter__(self) -> PeakTensorBytes:
         self.live, self.peak, self._sizes = 0, 0, {}
         return super().__enter__()
 
@@ -208,7 +210,8 @@ def measure_scoring(config: PretrainedConfig, batch: int, seq_len: int) -> Measu
 def measure_kv_cache(config: PretrainedConfig, batch: int, seq_len: int) -> Measure:
     model = build(config, "cpu")
     with torch.no_grad():
-        cache = model(input_ids=synthetic_part(config.vocab_size, batch, seq_len)["input_ids"], use_cache=True).past_key_values
+        cache = model(input_ids=synthetic_part(config.vocab_size, batch, seq_len)["input_ids"],
+                      use_cache=True).past_key_values
     return Measure(tensor_bytes(t for layer in cache.layers for t in (layer.keys, layer.values)), batch * seq_len)
 
 

@@ -101,7 +101,8 @@ def main() -> None:
     print(f"| all, one process each | {sum(separate_s):.1f} | | |")
     print(f"| all, one process | {together_s:.1f} | {inside:.1f} | |")
     speedup = sum(separate_s) / together_s
-    print(f"\nper-sample values: max |difference| {worst:.2g} (goal <= {TOLERANCE}: {'met' if worst <= TOLERANCE else 'NOT met'})")
+    verdict = "met" if worst <= TOLERANCE else "NOT met"
+    print(f"\nper-sample values: max |difference| {worst:.2g} (goal <= {TOLERANCE}: {verdict})")
     print(f"speed-up one process / one process per model: {speedup:.2f}x "
           f"(goal >= {GOAL}: {'met' if speedup >= GOAL else 'NOT met'})")
 

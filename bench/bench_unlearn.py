@@ -23,8 +23,19 @@ from collections.abc import Sequence
 from typing import Any
 
 # common must come first: it puts the repo root on sys.path for the imports below.
-from common import (LLAMA31_8B_PARAMS, LLAMA31_8B_VALUE_PARAMS, add_common_args, check_common_args,
-                    current_rss_bytes, forget_retain_rows, mib, peak_rss_bytes, print_header, tensor_bytes, tiny_model)
+from common import (
+    LLAMA31_8B_PARAMS,
+    LLAMA31_8B_VALUE_PARAMS,
+    add_common_args,
+    check_common_args,
+    current_rss_bytes,
+    forget_retain_rows,
+    mib,
+    peak_rss_bytes,
+    print_header,
+    tensor_bytes,
+    tiny_model,
+)
 
 import torch
 from torch.utils.data import DataLoader
@@ -183,8 +194,8 @@ def ref_worker(args: argparse.Namespace) -> None:
                 batch["forget"]["ref_nll"] = sequence_nll(ref_model, batch["forget"])
         run.step(batch, timed=False)
     seconds = time.perf_counter() - start
-    print(RESULT_PREFIX + json.dumps({"peak_rss": peak_rss_bytes(), "end_rss": current_rss_bytes(), "seconds": seconds, "model_bytes": model_bytes,
-                                      "n_params": n_params}))
+    print(RESULT_PREFIX + json.dumps({"peak_rss": peak_rss_bytes(), "end_rss": current_rss_bytes(), "seconds": seconds,
+                                      "model_bytes": model_bytes, "n_params": n_params}))
 
 
 def run_ref_worker(mode: str, argv: Sequence[str]) -> dict[str, Any]:

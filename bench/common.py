@@ -64,7 +64,8 @@ def print_header(title: str) -> None:
           f"{cores} cores ({usable} usable), torch threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
           f"load average (1/5/15 min) {load}")
-    print(f"software: python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"software: python {platform.python_version()}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
     print()
 
 
@@ -128,7 +129,7 @@ class RssPeak:
     def __init__(self) -> None:
         self.peak_bytes: int | None = None
 
-    def __enter__(self) -> "RssPeak":
+    def __enter__(self) -> RssPeak:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")

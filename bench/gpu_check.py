@@ -24,8 +24,9 @@ import argparse
 import gc
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 # common must come first: it puts the repo root on sys.path for the imports below.
 from common import ROOT
@@ -33,13 +34,14 @@ from common import ROOT
 import torch
 from torch import nn
 
-from bench_memory import ATTRIBUTION, CONFIG, SHAPES, build, narrow, random_mask, synthetic_part
 from dataloader import REF_NLL_KEY, get_loss
 from evaluator import generate_answers, score_answers
 from mask_generator import compute_scores
 from masking import MASKED_VALUES, MaskedValues, masked_modules, plain_state_dict
 from models import family_config, load_tokenizer, tiny_model_path
 from trainer import TrainSettings, _deepspeed_engine
+
+from bench_memory import ATTRIBUTION, CONFIG, SHAPES, build, narrow, random_mask, synthetic_part
 
 LR = 1e-5
 
