@@ -25,12 +25,22 @@ from omegaconf import DictConfig
 
 import metrics as M
 from checkpoints import ModelSwitcher, load_any_model, local_model_dir
-from evaluator import (HOLDOUT, MIA_KEYS, RETAIN_ES, SPLIT_DATA, SPLITS, EvalSettings, mia_aucs, reference_attack,
-                       run_evaluation, summarize)
+from evaluator import (
+    HOLDOUT,
+    MIA_KEYS,
+    RETAIN_ES,
+    SPLIT_DATA,
+    SPLITS,
+    EvalSettings,
+    mia_aucs,
+    reference_attack,
+    run_evaluation,
+    summarize,
+)
+from io_utils import ConfigError, check_writable, run_main, write_json
 from layout import EVAL_RESULT_RE, eval_path
 from models import family_config, load_tokenizer, resolve_model_path
-from runtime import (ConfigError, broadcast_object, check_writable, init_distributed, is_main, run_main,
-                     seed_everything, setup_logging, write_json)
+from runtime import broadcast_object, init_distributed, is_main, seed_everything, setup_logging
 from schema import EvalConfig, hydra_entry, register, to_dict, with_family_defaults
 from tofu import load_tofu
 

@@ -17,21 +17,28 @@ from transformers import AutoConfig, PretrainedConfig
 
 from checkpoints import load_any_model
 from dataloader import QADataset
+from io_utils import ConfigError, check_writable, run_main
 from layout import mask_path
 from mask_generator import ATTRIBUTION_KNOBS, ATTRIBUTIONS, SHAPE_ONLY, compute_scores
 from masks import load_mask, make_meta, random_complement, save_mask, select_top
 from models import family_config, load_tokenizer, resolve_model_path, value_vector_shape
-from runtime import (ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything,
-                     setup_logging, shard)
-from schema import (MaskConfig, foreign_knobs, hydra_entry, knob_values, register, to_dict, unique_knobs,
-                    with_family_defaults, with_knobs)
+from runtime import init_distributed, is_main, seed_everything, setup_logging, shard
+from schema import (
+    MaskConfig,
+    foreign_knobs,
+    hydra_entry,
+    knob_values,
+    register,
+    to_dict,
+    unique_knobs,
+    with_family_defaults,
+)
 from tofu import load_tofu, retain_split_for
 
 log = logging.getLogger("loc_unlearn")
 VARIANTS = ("normal", "random_complement")
 METHOD_KNOBS = unique_knobs(ATTRIBUTION_KNOBS.values())
-SCHEMA = with_knobs(MaskConfig, METHOD_KNOBS)
-register("get_mask_tofu", SCHEMA)
+SCHEMA = register("get_mask_tofu", MaskConfig, METHOD_KNOBS)
 
 
 def validate(c: dict[str, Any]) -> None:
@@ -101,7 +108,8 @@ def generate(cfg: DictConfig) -> None:
         tokenizer = load_tokenizer(c["model_family"], model_path)
         forget_rows = load_tofu(c["forget_split"], c["data_path"])
         retain_rows = load_tofu(c["retain_split"], c["data_path"])
-        picked = sorted(random.Random(c["seed"]).sample(range(len(retain_rows)), min(c["retain_subset"], len(retain_rows))))
+        picked = sorted(random.Random(c["seed"]).sample(range(len(retain_rows)),
+                                                        min(c["retain_subset"], len(retain_rows))))
         make = lambda rows: QADataset.from_rows(rows, tokenizer, family, c["max_length"])  # noqa: E731
         forget, retain = make(forget_rows), make([retain_rows[i] for i in picked])
         log.info("scoring %d x %d value vectors with %s on %d %s + %d %s examples", n_layers, d_ff,

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# Re-exported: the entry points take all their process plumbing from here.
+# Re-exported, so that library modules take all their process plumbing from here (the entry points import the
+# torch-free part from io_utils, where it is defined).
 from io_utils import ConfigError, atomic_path, check_writable, run_main, write_json  # noqa: F401
 
 log = logging.getLogger("loc_unlearn")

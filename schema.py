@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException, OverrideParseException
@@ -58,7 +58,8 @@ class Knob:
             ok = False
         if not ok:
             expected = f"one of {list(self.choices)}" if self.choices else _TYPE_NAMES.get(kind, kind.__name__)
-            raise ValueError(f"{key or self.name}={value!r}; expected {expected}{' or null' if self.default is None else ''}")
+            or_null = " or null" if self.default is None else ""
+            raise ValueError(f"{key or self.name}={value!r}; expected {expected}{or_null}")
         return float(value) if kind is float else value
 
 
@@ -75,7 +76,8 @@ def unique_knobs(groups: Iterable[Iterable[Knob]]) -> list[Knob]:
     seen: dict[str, Knob] = {}
     for knob in (k for group in groups for k in group):
         if seen.setdefault(knob.name, knob) != knob:
-            raise ValueError(f"knob {knob.name!r} is declared twice with different settings: {seen[knob.name]} vs {knob}")
+            raise ValueError(f"knob {knob.name!r} is declared twice with different settings: {seen[knob.name]} vs "
+                             f"{knob}")
     return list(seen.values())
 
 
@@ -93,95 +95,96 @@ def foreign_knobs(own: Iterable[Knob], every: Iterable[Knob], cfg: Mapping[str, 
 @dataclass
 class UnlearnConfig:
     model_family: str = MISSING
-    model_path: Optional[str] = MISSING
-    data_path: Optional[str] = MISSING
+    model_path: str | None = MISSING
+    data_path: str | None = MISSING
     forget_split: str = MISSING
-    retain_split: Optional[str] = MISSING
+    retain_split: str | None = MISSING
     forget_loss: str = MISSING
-    hyper_param: Optional[float] = MISSING
-    idk_path: Optional[str] = MISSING
-    retain_model_path: Optional[str] = MISSING
-    mask_path: Optional[str] = MISSING
+    hyper_param: float | None = MISSING
+    idk_path: str | None = MISSING
+    retain_model_path: str | None = MISSING
+    mask_path: str | None = MISSING
     lora_r: int = MISSING
     lora_alpha: float = MISSING
     lora_dropout: float = MISSING
-    lr: Optional[float] = MISSING
-    weight_decay: Optional[float] = MISSING
-    epochs: Optional[int] = MISSING
-    batch_size: Optional[int] = MISSING
-    grad_accum: Optional[int] = MISSING
-    warmup_ratio: Optional[float] = MISSING
-    group_by_length: Optional[bool] = MISSING
+    lr: float | None = MISSING
+    weight_decay: float | None = MISSING
+    epochs: int | None = MISSING
+    batch_size: int | None = MISSING
+    grad_accum: int | None = MISSING
+    warmup_ratio: float | None = MISSING
+    group_by_length: bool | None = MISSING
     lr_scheduler: str = MISSING
     max_grad_norm: float = MISSING
-    max_length: Optional[int] = MISSING
-    precision: Optional[str] = MISSING
+    max_length: int | None = MISSING
+    precision: str | None = MISSING
     seed: int = MISSING
-    save_root: Optional[str] = MISSING
-    output_dir: Optional[str] = MISSING
+    save_root: str | None = MISSING
+    output_dir: str | None = MISSING
     save_checkpoint: bool = MISSING
     save_steps: int = MISSING
     save_each_epoch: bool = MISSING
-    save_format: Optional[str] = MISSING
-    deepspeed: Optional[str] = MISSING
+    save_format: str | None = MISSING
+    deepspeed: str | None = MISSING
     report_to: str = MISSING
 
 
 @dataclass
 class MaskConfig:
     model_family: str = MISSING
-    model_path: Optional[str] = MISSING
-    data_path: Optional[str] = MISSING
+    model_path: str | None = MISSING
+    data_path: str | None = MISSING
     forget_split: str = MISSING
-    retain_split: Optional[str] = MISSING
+    retain_split: str | None = MISSING
     retain_subset: int = MISSING
     attribution: str = MISSING
     variant: str = MISSING
-    target_mask_path: Optional[str] = MISSING
+    target_mask_path: str | None = MISSING
     ratio: float = MISSING
     per_layer: bool = MISSING
     seed: int = MISSING
     mask_root: str = MISSING
     overwrite: bool = MISSING
     batch_size: int = MISSING
-    max_length: Optional[int] = MISSING
+    max_length: int | None = MISSING
 
 
 @dataclass
 class EvalConfig:
     model_family: str = MISSING
     model_path: Any = MISSING  # a path, a hub id, null, or a list of paths (OmegaConf has no Union type)
-    data_path: Optional[str] = MISSING
+    data_path: str | None = MISSING
     forget_split: str = MISSING
     retain_eval_split: str = MISSING
-    splits: List[str] = MISSING
+    splits: list[str] = MISSING
     batch_size: int = MISSING
     generation_batch_size: int = MISSING
     max_new_tokens: int = MISSING
-    max_length: Optional[int] = MISSING
+    max_length: int | None = MISSING
     es_convention: str = MISSING
     mia: bool = MISSING
     mia_k: float = MISSING
-    mia_reference_model: Optional[str] = MISSING
-    max_samples: Optional[int] = MISSING
-    retain_result: Optional[str] = MISSING
-    output_dir: Optional[str] = MISSING
+    mia_reference_model: str | None = MISSING
+    max_samples: int | None = MISSING
+    retain_result: str | None = MISSING
+    output_dir: str | None = MISSING
     overwrite: bool = MISSING
     seed: int = MISSING
 
 
 def with_knobs(schema: type, knobs: Sequence[Knob]) -> type:
     """`schema` plus one field per knob, typed and defaulted by the knob (the registries' knobs become keys)."""
-    fields = [(k.name, Optional[k.value_type] if k.default is None else k.value_type, field(default=k.default))
+    fields = [(k.name, k.value_type | None if k.default is None else k.value_type, field(default=k.default))
               for k in knobs]
     return dataclasses.make_dataclass(schema.__name__, fields, bases=(schema,))
 
 
-def register(config_name: str, schema: type) -> str:
-    """Store `schema` under the name config/<config_name>.yaml lists first in its defaults."""
-    name = f"{config_name}_schema"
-    ConfigStore.instance().store(name=name, node=schema)
-    return name
+def register(config_name: str, schema: type, knobs: Sequence[Knob] = ()) -> type:
+    """Store `schema`, plus a field per knob (`with_knobs`), under the name config/<config_name>.yaml lists first in
+    its defaults; return the schema stored."""
+    schema = with_knobs(schema, knobs) if knobs else schema
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+    return schema
 
 
 def schema_keys(schema: type) -> list[str]:
@@ -251,7 +254,7 @@ def hydra_entry(main: Any, schema: type) -> None:
         main()
 
 
-# ---- the docs' tables, rendered from the registries (`python mask_generator.py knobs`; tests/test_config.py compares) ----
+# ---- the docs' tables, rendered from the registries (`python mask_generator.py knobs`; test_config.py compares) ----
 
 
 def attribution_table(knobs: Mapping[str, Sequence[Knob]]) -> str:
@@ -268,13 +271,16 @@ def attribution_table(knobs: Mapping[str, Sequence[Knob]]) -> str:
 
 def loss_table(specs: Iterable[Any]) -> str:
     """docs/losses.md's table from LossSpecs: what `hyper_param` means per loss, and which read retain_weight."""
-    lines = ["| name | `hyper_param` | default | meaning | reads `retain_weight` | other knobs |", "|---|---|---|---|---|---|"]
+    lines = ["| name | `hyper_param` | default | meaning | reads `retain_weight` | other knobs |",
+             "|---|---|---|---|---|---|"]
     for spec in specs:
         hp = spec.hyper_param
         cells = [hp.name, _yaml(hp.default), hp.help] if hp else ["–", "–", "(none: setting it is an error)"]
-        others = ", ".join(f"`{k.name}` ({_yaml(k.default)}: {k.help})" for k in spec.knobs if k.name != "retain_weight")
+        others = ", ".join(f"`{k.name}` ({_yaml(k.default)}: {k.help})" for k in spec.knobs
+                           if k.name != "retain_weight")
         name = "rmu_<layer>" if spec.name == "rmu" else spec.name
-        lines.append(f"| `{name}` | {' | '.join(cells)} | {'yes' if spec.uses_retain_weight else 'no'} | {others or '–'} |")
+        reads_retain_weight = "yes" if spec.uses_retain_weight else "no"
+        lines.append(f"| `{name}` | {' | '.join(cells)} | {reads_retain_weight} | {others or '–'} |")
     return "\n".join(lines)
 
 

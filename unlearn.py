@@ -17,20 +17,20 @@ from omegaconf import DictConfig
 from checkpointer import Checkpointer
 from checkpoints import SAVE_FORMATS, load_any_model, starting_model_reference
 from dataloader import LOSSES, LossSpec, UnlearnDataset, get_loss, load_idk, sequence_nll
+from io_utils import ConfigError, check_writable, run_main
 from layout import RUN_CONFIG, checkpoints, final_checkpoint, run_dir
 from masking import MaskedValues, apply_lora
 from masks import load_mask
 from models import DTYPES, family_config, load_tokenizer, resolve_model_path, resolve_precision, value_vector_shape
-from runtime import ConfigError, check_writable, init_distributed, is_main, run_main, seed_everything, setup_logging
-from schema import UnlearnConfig, foreign_knobs, hydra_entry, register, to_dict, unique_knobs, with_family_defaults, with_knobs
+from runtime import init_distributed, is_main, seed_everything, setup_logging
+from schema import UnlearnConfig, foreign_knobs, hydra_entry, register, to_dict, unique_knobs, with_family_defaults
 from tofu import load_tofu, retain_split_for
 from trainer import NonFiniteLoss, TrainSettings, check_report_to, train
 
 log = logging.getLogger("loc_unlearn")
 
 LOSS_KNOBS = unique_knobs(spec.knobs for spec in LOSSES.values())
-SCHEMA = with_knobs(UnlearnConfig, LOSS_KNOBS)
-register("forget_tofu", SCHEMA)
+SCHEMA = register("forget_tofu", UnlearnConfig, LOSS_KNOBS)
 
 
 def resolve(cfg: DictConfig) -> dict[str, Any]:
@@ -82,8 +82,9 @@ def check_same_run(out: Path, c: dict[str, Any]) -> None:
     stored.update(absolute_paths(stored))
     differ = sorted(k for k in c if k not in NOT_RESULT_KEYS and stored.get(k) != c[k])
     if differ:
-        raise ConfigError(f"{out} holds a run with other settings ({', '.join(f'{k}={stored.get(k)!r}' for k in differ)}"
-                          f"); pass another output_dir/save_root or delete it")
+        settings = ", ".join(f"{k}={stored.get(k)!r}" for k in differ)
+        raise ConfigError(f"{out} holds a run with other settings ({settings}); pass another output_dir/save_root or "
+                          "delete it")
 
 
 @torch.no_grad()
@@ -106,7 +107,8 @@ def unlearn(cfg: DictConfig) -> None:
     c = resolve_loss_knobs(spec, c)
     check_report_to(c["report_to"])
     if c["deepspeed"] and not Path(c["deepspeed"]).is_file():
-        raise ConfigError(f"deepspeed={c['deepspeed']} does not exist; expected a DeepSpeed JSON (config/ds_config.json)")
+        raise ConfigError(f"deepspeed={c['deepspeed']} does not exist; expected a DeepSpeed JSON "
+                          "(config/ds_config.json)")
     if c["mask_path"] and c["lora_r"] > 0:
         raise ConfigError("mask_path and lora_r>0 are exclusive: a mask trains value vectors, LoRA trains adapters")
     if c["mask_path"] and not Path(c["mask_path"]).is_file():
