@@ -20,7 +20,8 @@ SETTINGS = dict(lr=1e-3, weight_decay=0.0, epochs=1, batch_size=20, grad_accum=1
 
 
 def _train_grad_diff(tiny_path, run_dir, monkeypatch, **settings) -> list[float]:
-    """Two steps of grad_diff (forget01: 40 examples, batch 20) on the tiny model; the norms clip_grad_norm_ returned."""
+    """Two steps of grad_diff (forget01: 40 examples, batch 20) on the tiny model; the norms clip_grad_norm_
+    returned."""
     tok = load_tokenizer("tiny", str(tiny_path))
     data = UnlearnDataset(load_tofu("forget01", "synthetic"), load_tofu("retain99", "synthetic")[:100], [], tok,
                           family_config("tiny"), 64, ("forget", "retain"), seed=0)
