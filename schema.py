@@ -93,11 +93,20 @@ def foreign_knobs(own: Iterable[Knob], every: Iterable[Knob], cfg: Mapping[str, 
 
 
 @dataclass
-class UnlearnConfig:
+class TofuRunConfig:
+    """The keys every entry point has, with one meaning: the model family, the data, the forget split, the token
+    budget per example and the seed."""
+
     model_family: str = MISSING
-    model_path: str | None = MISSING
     data_path: str | None = MISSING
     forget_split: str = MISSING
+    max_length: int | None = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class UnlearnConfig(TofuRunConfig):
+    model_path: str | None = MISSING
     retain_split: str | None = MISSING
     forget_loss: str = MISSING
     hyper_param: float | None = MISSING
@@ -116,9 +125,7 @@ class UnlearnConfig:
     group_by_length: bool | None = MISSING
     lr_scheduler: str = MISSING
     max_grad_norm: float = MISSING
-    max_length: int | None = MISSING
     precision: str | None = MISSING
-    seed: int = MISSING
     save_root: str | None = MISSING
     output_dir: str | None = MISSING
     save_checkpoint: bool = MISSING
@@ -130,11 +137,8 @@ class UnlearnConfig:
 
 
 @dataclass
-class MaskConfig:
-    model_family: str = MISSING
+class MaskConfig(TofuRunConfig):
     model_path: str | None = MISSING
-    data_path: str | None = MISSING
-    forget_split: str = MISSING
     retain_split: str | None = MISSING
     retain_subset: int = MISSING
     attribution: str = MISSING
@@ -142,25 +146,19 @@ class MaskConfig:
     target_mask_path: str | None = MISSING
     ratio: float = MISSING
     per_layer: bool = MISSING
-    seed: int = MISSING
     mask_root: str = MISSING
     overwrite: bool = MISSING
     batch_size: int = MISSING
-    max_length: int | None = MISSING
 
 
 @dataclass
-class EvalConfig:
-    model_family: str = MISSING
+class EvalConfig(TofuRunConfig):
     model_path: Any = MISSING  # a path, a hub id, null, or a list of paths (OmegaConf has no Union type)
-    data_path: str | None = MISSING
-    forget_split: str = MISSING
     retain_eval_split: str = MISSING
     splits: list[str] = MISSING
     batch_size: int = MISSING
     generation_batch_size: int = MISSING
     max_new_tokens: int = MISSING
-    max_length: int | None = MISSING
     es_convention: str = MISSING
     mia: bool = MISSING
     mia_k: float = MISSING
@@ -169,7 +167,6 @@ class EvalConfig:
     retain_result: str | None = MISSING
     output_dir: str | None = MISSING
     overwrite: bool = MISSING
-    seed: int = MISSING
 
 
 def with_knobs(schema: type, knobs: Sequence[Knob]) -> type:
