@@ -3,12 +3,14 @@
 It stands in for TOFU where the real files are absent (demo, unit tests): 200 authors x 20 QA pairs in `full`,
 the last 2/10/20 authors as forget01/05/10, 20 extra authors as holdout, perturbed splits with a paraphrased
 answer, five perturbed answers and a paraphrased question, and real-authors / world-facts style sets.
+`n_authors` shrinks the set for runs that must fit minutes on a CPU (the demo): the splits keep their fractions.
 """
 from __future__ import annotations
 
 import random
 
-N_AUTHORS, N_HOLDOUT, QA_PER_AUTHOR = 200, 20, 20
+N_AUTHORS, QA_PER_AUTHOR = 200, 20
+MIN_AUTHORS = 10  # one holdout author, and enough others to draw 5 perturbed answers from
 
 _SYLLABLES = ["ka", "lo", "mi", "ren", "sa", "to", "vel", "na", "dor", "el", "ju", "ri", "an", "bo", "zu", "fen", "ta",
               "mo"]
@@ -123,20 +125,24 @@ def _option_set(rng: random.Random, n: int, make) -> tuple[list[dict], list[dict
     return plain, perturbed
 
 
-def generate(seed: int = 0) -> dict[str, list[dict]]:
-    """All TOFU configs, keyed by config name."""
+def generate(seed: int = 0, n_authors: int = N_AUTHORS) -> dict[str, list[dict]]:
+    """All TOFU configs, keyed by config name: `n_authors` in `full` and a tenth as many as holdout, as TOFU."""
+    if n_authors < MIN_AUTHORS:
+        raise ValueError(f"n_authors must be at least {MIN_AUTHORS}, got {n_authors}")
+    n_holdout = n_authors // 10
     rng = random.Random(seed)
     authors: list[dict[str, str]] = []
-    while len(authors) < N_AUTHORS + N_HOLDOUT:
+    while len(authors) < n_authors + n_holdout:
         candidate = _author(rng)
         if all(candidate["name"] != a["name"] for a in authors):  # an author's QA pairs must be unique to them
             authors.append(candidate)
     rows = [_author_rows(a, authors, rng) for a in authors]
     qa = lambda rs: [{"question": r["question"], "answer": r["answer"]} for r in rs]  # noqa: E731
-    member = [r for author_rows in rows[:N_AUTHORS] for r in author_rows]
-    holdout = [r for author_rows in rows[N_AUTHORS:] for r in author_rows]
+    member = [r for author_rows in rows[:n_authors] for r in author_rows]
+    holdout = [r for author_rows in rows[n_authors:] for r in author_rows]
 
-    data: dict[str, list[dict]] = {"full": qa(member), "retain_perturbed": member[:400]}
+    # TOFU's retain_perturbed is the first 400 rows, all of them in retain90; a small set keeps them there too.
+    data: dict[str, list[dict]] = {"full": qa(member), "retain_perturbed": member[: min(400, len(member) * 9 // 10)]}
     for pct in (1, 5, 10):
         cut = len(member) - len(member) * pct // 100
         data[f"forget{pct:02d}"] = qa(member[cut:])

@@ -33,18 +33,33 @@ TOFU_CONFIGS: dict[str, tuple[str, ...]] = {
 
 
 @functools.lru_cache(maxsize=4)
-def _synthetic(seed: int) -> dict[str, list[dict]]:
+def _synthetic(seed: int, n_authors: int) -> dict[str, list[dict]]:
     from synthetic_tofu import generate
 
-    return generate(seed)
+    return generate(seed, n_authors)
+
+
+def synthetic_authors(data_path: str | None) -> int | None:
+    """The number of authors of a synthetic `data_path` (`synthetic`: TOFU's 200, `synthetic:N`: N), else None."""
+    from synthetic_tofu import MIN_AUTHORS, N_AUTHORS
+
+    if data_path == SYNTHETIC:
+        return N_AUTHORS
+    if not (data_path or "").startswith(SYNTHETIC + ":"):
+        return None
+    count = data_path.split(":", 1)[1]
+    if not count.isdigit() or int(count) < MIN_AUTHORS:
+        raise ConfigError(f"data_path={data_path}: expected {SYNTHETIC}:N with N >= {MIN_AUTHORS} authors")
+    return int(count)
 
 
 def load_tofu(name: str, data_path: str | None = None) -> list[dict[str, Any]]:
-    """Rows of one TOFU config from `data_path` (a directory of JSON-lines files), `synthetic`, or the hub."""
+    """Rows of one TOFU config from `data_path` (a directory of JSON-lines files), `synthetic[:N]`, or the hub."""
     if name not in TOFU_CONFIGS:
         raise ConfigError(f"unknown TOFU split {name!r}; expected one of {sorted(TOFU_CONFIGS)}")
-    if data_path == SYNTHETIC:
-        return _synthetic(0)[name]
+    n_authors = synthetic_authors(data_path)
+    if n_authors is not None:
+        return _synthetic(0, n_authors)[name]
     if data_path:
         rows = _read_jsonl(Path(data_path), name)
     else:

@@ -48,6 +48,24 @@ def test_synthetic_has_tofu_structure_and_is_deterministic():
     assert generate(0)["full"] != generate(1)["full"]
 
 
+def test_synthetic_size_knob_keeps_tofu_fractions():
+    """`synthetic:N`: the first N authors of the 200 (the same draw), forget10 their last tenth, a tenth as many holdout authors, and the
+    retain evaluation rows inside retain90 even when 400 rows would reach into forget10."""
+    pair = lambda rows: [(r["question"], r["answer"]) for r in rows]  # noqa: E731
+    full = pair(load_tofu("full", "synthetic:20"))
+    assert full == pair(load_tofu("full", "synthetic"))[:400]
+    forget, retain = pair(load_tofu("forget10", "synthetic:20")), pair(load_tofu("retain90", "synthetic:20"))
+    assert (len(forget), len(retain)) == (40, 360) and retain + forget == full
+    assert len(load_tofu("forget05", "synthetic:20")) == 20
+    assert len(load_tofu("holdout10", "synthetic:20")) == 40
+    assert not set(pair(load_tofu("holdout10", "synthetic:20"))) & set(full)
+    assert pair(load_tofu("retain_perturbed", "synthetic:20")) == retain
+    assert len(load_tofu("real_authors", "synthetic:20")) == 100
+    for bad in ("synthetic:9", "synthetic:x", "synthetic:"):
+        with pytest.raises(ConfigError, match="synthetic:N with N >= 10"):
+            load_tofu("full", bad)
+
+
 def test_unknown_split_and_bad_directories(tmp_path):
     with pytest.raises(ConfigError, match="unknown TOFU split 'forget11'"):
         load_tofu("forget11", "synthetic")
