@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
@@ -16,8 +17,14 @@ import checkpoints
 import eval_tofu
 import generate_mask
 import unlearn
-from checkpoints import COMPACT_META, export, load_any_model, save_compact, starting_model_reference, weights_fingerprint
-from conftest import ROOT
+from checkpoints import (
+    COMPACT_META,
+    export,
+    load_any_model,
+    save_compact,
+    starting_model_reference,
+    weights_fingerprint,
+)
 from masking import MaskedValues, plain_state_dict
 from masks import load_mask
 from models import load_model, load_tokenizer
@@ -149,7 +156,8 @@ def test_a_trajectory_in_one_process_equals_one_evaluation_per_model(theta_o, tm
 
     loads = []
     real_load = checkpoints.load_model
-    monkeypatch.setattr(checkpoints, "load_model", lambda path, *a: loads.append(Path(path).name) or real_load(path, *a))
+    monkeypatch.setattr(checkpoints, "load_model",
+                        lambda path, *a: loads.append(Path(path).name) or real_load(path, *a))
     listed = "model_path=[" + ",".join(f"'{m}'" for m in models) + "]"
     together = _evaluate(listed)
     # theta_o once for checkpoints 1 and 2, the full checkpoint 3, then theta_o again for checkpoint 4.
