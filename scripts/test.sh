@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README and of CI: set up .venv if needed, then run one tier of the suite.
-#   bash scripts/test.sh [fast]        the fast tier: in-process tests only (≤ 60 s on 2 cores); the default
+#   bash scripts/test.sh [fast]        the fast tier: in-process tests only (≤ 60 s on 2 cores), two at a time; the
+#                                      default
 #   bash scripts/test.sh integration   the tests that start processes (entry points, torchrun, DeepSpeed, SIGKILL,
 #                                      the pipeline, the bench scripts), two at a time (pytest-xdist)
 #   bash scripts/test.sh all           both tiers in one run, two tests at a time (CI runs the two tiers separately)
@@ -17,7 +18,7 @@ esac
 # xdist: --dist loadgroup keeps the tests that share a module-scoped fixture (e.g. the pipeline's runs) on one worker
 # (tests/conftest.py groups them). Each test process uses one torch thread, each subprocess one OpenMP thread.
 case "$tier" in
-  fast) args=(-m "not integration") ;;
+  fast) args=(-m "not integration" -n 2 --dist loadgroup) ;;
   integration) args=(-m integration -n 2 --dist loadgroup) ;;
   all) args=(-n 2 --dist loadgroup) ;;
 esac

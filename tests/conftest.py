@@ -41,9 +41,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(INTEGRATION)
         # pytest-xdist (--dist loadgroup): the tests sharing a module-scoped fixture (the pipeline's runs, the
         # DeepSpeed runs, the evaluated models) run on one worker, which computes it once; the rest spread freely.
-        info = getattr(item, "_fixtureinfo", None)
-        if info and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        info, module = getattr(item, "_fixtureinfo", None), getattr(item, "module", None)
+        if info and module and any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(module.__name__))
 
 
 _current: dict[str, str | None] = {"fast_test": None}
