@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ from tofu import load_tofu
 log = logging.getLogger("loc_unlearn")
 
 MODEL_CONFIG_PATH = Path(__file__).resolve().parent / "config" / "model_config.yaml"
-TINY_CACHE = Path(__file__).resolve().parent / ".cache" / "tiny"
+# Locally built models (the tiny families) live under $LOC_UNLEARN_CACHE/tiny, by default .cache/tiny in the
+# repository; the tests point it at a temporary directory.
+CACHE_ENV = "LOC_UNLEARN_CACHE"
+DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def tiny_cache() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE) / "tiny"
 
 # The tiny family's chat format: a dedicated end-of-turn token that doubles as EOS, and a pad token of its own.
 TINY_SPECIAL = {"bos": "<|begin|>", "eot": "<|end|>", "pad": "<pad>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -142,7 +150,7 @@ def tiny_model_path(data_path: str | None, seed: int = 0, family: str = "tiny") 
     """The cached initial model of a locally built family for this data source and seed, built on first use (rank 0)."""
     arch = family_config(family)["architecture"]
     key = hashlib.sha256(json.dumps([str(data_path), seed, arch], sort_keys=True).encode()).hexdigest()[:12]
-    path = TINY_CACHE / f"init_{key}"
+    path = tiny_cache() / f"init_{key}"
     if is_main() and not path.exists():
         build_tiny_model(path, data_path, seed, family)
     barrier()

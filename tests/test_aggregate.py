@@ -10,9 +10,9 @@ from math import sqrt
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import aggregate as A
-from conftest import ROOT
 from io_utils import ConfigError
 from layout import eval_path
 
@@ -30,8 +30,8 @@ def summary(rs: float, fs: float, mu: float, log10_fq: float | None) -> dict:
 def write_eval(model_dir: Path, summ: dict, retain_result: str | None = None) -> None:
     path = eval_path(model_dir, SPLIT)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": {"model_family": "tiny", "forget_split": SPLIT, "retain_result": retain_result},
-                                "per_sample": {}, "summary": summ}))
+    config = {"model_family": "tiny", "forget_split": SPLIT, "retain_result": retain_result}
+    path.write_text(json.dumps({"config": config, "per_sample": {}, "summary": summ}))
 
 
 def make_run(root: Path, name: str, points=POINTS, seed: int | None = None) -> tuple[Path, Path]:
@@ -171,8 +171,8 @@ def test_compare_cli_pairs_by_seed(tmp_path, capsys):
     # Given in seed order 3, 1, 2: pairing by seed must line them up as seed 1: 0.4, seed 2: 0.4, seed 3: 0.5.
     write_runs_json(tmp_path / "random.json", [(3, 0.5, -7.0), (1, 0.4, -5.0), (2, 0.4, -6.0)])
     out = tmp_path / "cmp.json"
-    A.main(["compare", "--group", "oracle", str(tmp_path / "oracle"), "--group", "random", str(tmp_path / "random.json"),
-            "--out", str(out)])
+    A.main(["compare", "--group", "oracle", str(tmp_path / "oracle"), "--group", "random",
+            str(tmp_path / "random.json"), "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["pairing"] == "seed" and [p["pair"] for p in result["pairs"]] == [1, 2, 3]
     aues, mu95 = result["aues"], result["mu95"]
@@ -244,7 +244,8 @@ def test_injection_that_lowered_forget_strength_and_kept_retention_is_verified(t
     assert [r["verified"] for r in result["theta_o"]] == [True, True] and result["verified"] is True
     assert (result["min_fs_drop"], result["max_rs_drop"]) == (0.5, 0.05)
     table = capsys.readouterr().out
-    assert "| model | seed | Forget Strength | Retain Strength | FS drop | RS drop | FS drop ≥ 0.5 | RS drop ≤ 0.05 |" in table
+    assert ("| model | seed | Forget Strength | Retain Strength | FS drop | RS drop | FS drop ≥ 0.5 | RS drop ≤ 0.05 |"
+            in table)
     assert "| theta_o | 1 | 0.300 | 0.960 | 0.650 | 0.030 | yes | yes |" in table
     assert "| theta_o | 2 | 0.400 | 0.940 | 0.550 | 0.050 | yes | yes |" in table
 
@@ -283,7 +284,7 @@ def test_injection_needs_both_strengths_of_every_model(tmp_path):
         A.main([*args, str(tmp_path / "forget_only")])
 
 
-def test_aggregate_does_not_import_torch():
+def test_aggregate_does_not_import_torch(processes):
     # aggregate.py runs once per table in the scripts; torch would add ~5 s to each call.
     code = "import sys, aggregate; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -308,7 +309,7 @@ for model in models:
 """
 
 
-def test_eval_sh_evaluates_theta_o_and_every_checkpoint_in_one_process(tmp_path):
+def test_eval_sh_evaluates_theta_o_and_every_checkpoint_in_one_process(processes, tmp_path):
     retain, theta_o, run = tmp_path / "retain", tmp_path / "theta o's", tmp_path / "run"  # quoted for Hydra
     for label, rs, fs, mu, fq in POINTS + [("retain", 0.5, 0.9, 0.59, None)]:
         model = {"theta_o": theta_o, "retain": retain}.get(label, run / label)

@@ -9,23 +9,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config, run_entry
 from safetensors.torch import load_file, save_file
 
 import checkpoints
 import eval_tofu
-import generate_mask
-import unlearn
-from checkpoints import COMPACT_META, export, load_any_model, save_compact, starting_model_reference, weights_fingerprint
-from conftest import ROOT
+from checkpoints import (
+    COMPACT_META,
+    export,
+    load_any_model,
+    save_compact,
+    starting_model_reference,
+    weights_fingerprint,
+)
 from masking import MaskedValues, plain_state_dict
 from masks import load_mask
 from models import load_model, load_tokenizer
-from runtime import ConfigError, run_main
+from runtime import ConfigError
 
 CPU = torch.device("cpu")
 SMALL_EVAL = ["model_family=tiny", "data_path=synthetic", "forget_split=forget01", "max_samples=4", "max_new_tokens=4",
-              "batch_size=4", "generation_batch_size=4"]
+              "batch_size=4", "generation_batch_size=4", "splits=[forget,retain]"]
 
 
 @pytest.fixture
@@ -92,14 +96,6 @@ def test_fingerprint_survives_a_copy_and_sees_a_masked_change(theta_o, tmp_path)
     assert weights_fingerprint(copy) != weights_fingerprint(theta_o)
 
 
-def _unlearn_exit(overrides: list[str], capsys) -> tuple[int, str]:
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        cfg = compose(config_name="forget_tofu", overrides=overrides)
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(lambda: unlearn.unlearn(cfg))
-    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()[-1]
-
-
 def test_a_compact_checkpoint_without_its_starting_model_is_refused(theta_o, tmp_path, capsys):
     compact = _save(_trained(theta_o, seed=2), theta_o, tmp_path / "compact", compact=True)
     other = _trained(theta_o, seed=3)
@@ -109,33 +105,32 @@ def test_a_compact_checkpoint_without_its_starting_model_is_refused(theta_o, tmp
     shutil.rmtree(theta_o)
     args = ["model_family=tiny", f"model_path={compact}", "data_path=synthetic", "forget_split=forget01",
             f"output_dir={tmp_path / 'run'}", "epochs=1"]
-    code, line = _unlearn_exit(args, capsys)
+    code, line = run_entry("unlearn.py", args, capsys)
     assert code == 2 and line.startswith(f"error: compact checkpoint {compact} needs its starting model")
     assert "which does not exist" in line
 
 
-def _activation_mask(model: Path, mask_root: Path) -> list[torch.Tensor]:
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        cfg = compose("get_mask_tofu", overrides=[
-            "model_family=tiny", f"model_path={model}", "data_path=synthetic", "forget_split=forget01",
-            "attribution=activation", "batch_size=8", f"mask_root={mask_root}"])
-    generate_mask.generate(cfg)
+def _activation_mask(model: Path, mask_root: Path, capsys) -> list[torch.Tensor]:
+    assert run_entry("generate_mask.py", ["model_family=tiny", f"model_path={model}", "data_path=synthetic",
+                                          "forget_split=forget01", "attribution=activation", "batch_size=8",
+                                          f"mask_root={mask_root}"], capsys) == (0, "")
     (path,) = mask_root.rglob("*.pt")
     return load_mask(path)[0]
 
 
-def test_generate_mask_scores_a_compact_checkpoint_as_its_export(theta_o, tmp_path):
+def test_generate_mask_scores_a_compact_checkpoint_as_its_export(theta_o, tmp_path, capsys):
     compact = _save(_trained(theta_o, seed=5), theta_o, tmp_path / "compact", compact=True)
     exported = export(str(compact), str(tmp_path / "exported"))
-    from_compact = _activation_mask(compact, tmp_path / "masks_compact")
-    assert all(torch.equal(a, b) for a, b in zip(from_compact, _activation_mask(exported, tmp_path / "masks_full")))
+    from_compact = _activation_mask(compact, tmp_path / "masks_compact", capsys)
+    from_export = _activation_mask(exported, tmp_path / "masks_full", capsys)
+    assert all(torch.equal(a, b) for a, b in zip(from_compact, from_export))
     # Not the starting model's mask: the checkpoint's values were used.
-    assert not all(torch.equal(a, b) for a, b in zip(from_compact, _activation_mask(theta_o, tmp_path / "masks_o")))
+    from_theta_o = _activation_mask(theta_o, tmp_path / "masks_o", capsys)
+    assert not all(torch.equal(a, b) for a, b in zip(from_compact, from_theta_o))
 
 
 def _evaluate(*overrides: str) -> list[dict]:
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        cfg = compose("eval_tofu", overrides=[*SMALL_EVAL, *overrides])
+    cfg = compose_config("eval_tofu", [*SMALL_EVAL, *overrides])
     return [json.loads(path.read_text()) for path in eval_tofu.evaluate(cfg)]
 
 
@@ -149,7 +144,8 @@ def test_a_trajectory_in_one_process_equals_one_evaluation_per_model(theta_o, tm
 
     loads = []
     real_load = checkpoints.load_model
-    monkeypatch.setattr(checkpoints, "load_model", lambda path, *a: loads.append(Path(path).name) or real_load(path, *a))
+    monkeypatch.setattr(checkpoints, "load_model",
+                        lambda path, *a: loads.append(Path(path).name) or real_load(path, *a))
     listed = "model_path=[" + ",".join(f"'{m}'" for m in models) + "]"
     together = _evaluate(listed)
     # theta_o once for checkpoints 1 and 2, the full checkpoint 3, then theta_o again for checkpoint 4.

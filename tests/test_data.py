@@ -112,7 +112,8 @@ def test_chat_template_gets_the_fixed_date_string(tiny_path):
 
 def test_attention_mask_comes_from_lengths_not_pad_ids():
     # The end-of-turn id equals the pad id here: a real token must still be attended to.
-    batch = pad_batch([{"input_ids": [5, 7, 0], "labels": [-100, 7, 0]}, {"input_ids": [5], "labels": [-100]}], pad_id=0)
+    batch = pad_batch([{"input_ids": [5, 7, 0], "labels": [-100, 7, 0]}, {"input_ids": [5], "labels": [-100]}],
+                      pad_id=0)
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 7, 0], [-100, -100, -100]]
     left = pad_batch([{"input_ids": [5, 0]}, {"input_ids": [5]}], pad_id=0, left=True)
@@ -121,7 +122,8 @@ def test_attention_mask_comes_from_lengths_not_pad_ids():
 
 def test_retain_pairing_is_seeded_by_example_and_epoch(tiny_path):
     tok = load_tokenizer("tiny", str(tiny_path))
-    forget, retain = load_tofu("forget01", "synthetic"), load_tofu("retain99", "synthetic")
+    # 400 retain examples are plenty to draw 40 partners from (the dataset encodes every one it is given).
+    forget, retain = load_tofu("forget01", "synthetic"), load_tofu("retain99", "synthetic")[:400]
     make = lambda: UnlearnDataset(forget, retain, ["I don't know."], tok, family_config("tiny"), 64,  # noqa: E731
                                   ("forget", "retain", "idk"), seed=3)
     a, b = make(), make()

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import ROOT, command, final_checkpoint, final_weights, subprocess_env
 from safetensors.torch import load_file
 
-from checkpoints import compact_meta, load_any_model
-from conftest import ROOT, run_script
+from checkpoints import compact_meta
 
 DS_CONFIG = str(ROOT / "config" / "ds_config.json")
 MASK = [torch.tensor([1, 2, 3, 200]), torch.tensor([10, 400])]
@@ -52,7 +51,7 @@ def _collectives(rank: int, init_file: str, backend: str | None) -> None:
         dist.destroy_process_group()
 
 
-def test_process_group_serves_cpu_tensors_on_gpu_nodes(tmp_path):
+def test_process_group_serves_cpu_tensors_on_gpu_nodes(processes, tmp_path):
     port_file = tmp_path / "port"
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,22 +69,56 @@ def test_gpu_group_backend_pairs_nccl_with_gloo():
     assert process_group_backend("cpu") == "gloo"
 
 
+# ---- one optimizer step on 2 ranks is one step on 1 rank with the concatenated batch ----
+
+STEP = dict(lr=1e-3, weight_decay=0.1, epochs=1, grad_accum=1, warmup_ratio=0.0, lr_scheduler="constant",
+            max_grad_norm=1.0, seed=0, save_checkpoint=False, save_steps=0, save_each_epoch=False)
+
+
+def _one_step(rank: int, world: int, tiny_path: str, out: str) -> None:
+    """Train the tiny model for one step on 8 forget01 examples: world x (8 / world) per rank. The loss is the mean of
+    the per-sequence NLLs, whose mean over equal-sized rank shares is the mean over the whole batch (a token mean
+    averaged across ranks equals the token mean of the concatenation only when the ranks hold equal token counts)."""
+    from checkpointer import Checkpointer
+    from dataloader import UnlearnDataset, sequence_nll
+    from models import family_config, load_model, load_tokenizer
+    from tofu import load_tofu
+    from trainer import TrainSettings, train
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
+    try:
+        tokenizer = load_tokenizer("tiny", tiny_path)
+        data = UnlearnDataset(load_tofu("forget01", "synthetic")[:8], [], [], tokenizer, family_config("tiny"), 64,
+                              ("forget",), seed=0)
+        model = load_model(tiny_path, torch.device("cpu"))
+        train(model, list(model.parameters()), data, lambda m, b: sequence_nll(m, b["forget"]).mean(),
+              TrainSettings(batch_size=8 // world, **STEP), Checkpointer(Path(out)))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_one_step_on_two_ranks_equals_one_step_on_the_concatenated_batch(processes, tiny_path, tmp_path):
+    # fork: the ranks inherit the imported modules (spawn would import torch again in each)
+    mp.start_processes(_one_step, args=(2, str(tiny_path), str(tmp_path / "two")), nprocs=2, start_method="fork")
+    _one_step(0, 1, str(tiny_path), str(tmp_path / "one"))
+    history = {n: json.loads((final_checkpoint(tmp_path / n) / "trainer_state.json").read_text())["history"]
+               for n in ("one", "two")}
+    assert len(history["one"]) == len(history["two"]) == 1
+    assert history["two"][0]["loss"] == pytest.approx(history["one"][0]["loss"], rel=1e-6)
+    before = load_file(str(tiny_path / "model.safetensors"))
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert _max_diff(one, before) > 0.5 * STEP["lr"]  # the step moved the weights
+    # Adam's first step is lr * g / (|g| + eps): for gradients near eps, sums taken in another order move it by a
+    # fraction of lr (2e-3 lr measured); a rank's share missing from the gradient would move it by ~lr.
+    assert _max_diff(one, two) <= 1e-2 * STEP["lr"]
+
+
 def _args(tiny_path: Path, out: Path, *extra: str) -> list[str]:
-    return ["unlearn.py", "model_family=tiny", f"model_path={tiny_path}", "data_path=synthetic", "forget_split=forget01",
-            "forget_loss=grad_diff", f"output_dir={out}", *extra]
-
-
-def _final(run: Path) -> Path:
-    (ckpt,) = [p for p in run.glob("checkpoint-*") if json.loads((p / "trainer_state.json").read_text())["final"]]
-    return ckpt
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    """The final weights as saved: a full checkpoint's file, or a masked run's compact one applied to its start."""
-    final = _final(run)
-    if compact_meta(final) is not None:
-        return load_any_model(str(final), torch.device("cpu")).state_dict()
-    return load_file(str(final / "model.safetensors"))
+    return ["unlearn.py", "model_family=tiny", f"model_path={tiny_path}", "data_path=synthetic",
+            "forget_split=forget01", "forget_loss=grad_diff", f"output_dir={out}", *extra]
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -110,7 +143,7 @@ UNEVEN = ("epochs=2", "batch_size=4", "grad_accum=2", "save_steps=2", "lr_schedu
 
 
 @pytest.fixture(scope="module")
-def uneven_runs(tiny_path, tmp_path_factory):
+def uneven_runs(run_script, tiny_path, tmp_path_factory):
     from masks import save_mask
 
     root = tmp_path_factory.mktemp("uneven")
@@ -125,9 +158,9 @@ def uneven_runs(tiny_path, tmp_path_factory):
 
 def test_deepspeed_steps_like_the_trainer_with_an_uneven_last_group(uneven_runs):
     _, runs = uneven_runs
-    plain, ds = _final(runs["plain"]), _final(runs["deepspeed"])
+    plain, ds = final_checkpoint(runs["plain"]), final_checkpoint(runs["deepspeed"])
     assert plain.name == ds.name == "checkpoint-6"  # 3 steps per epoch: groups of 2, 2 and 1 micro-batches
-    assert _max_diff(_weights(runs["plain"]), _weights(runs["deepspeed"])) <= 1e-5
+    assert _max_diff(final_weights(runs["plain"]), final_weights(runs["deepspeed"])) <= 1e-5
     plain_lr = [h["lr"] for h in json.loads((plain / "trainer_state.json").read_text())["history"]]
     ds_lr = [h["lr"] for h in json.loads((ds / "trainer_state.json").read_text())["history"]]
     assert plain_lr == pytest.approx(ds_lr)
@@ -136,7 +169,7 @@ def test_deepspeed_steps_like_the_trainer_with_an_uneven_last_group(uneven_runs)
 
 def test_deepspeed_keeps_the_mask_and_writes_only_its_own_state(uneven_runs, tiny_path):
     _, runs = uneven_runs
-    after, before = _weights(runs["deepspeed"]), load_file(str(tiny_path / "model.safetensors"))
+    after, before = final_weights(runs["deepspeed"]), load_file(str(tiny_path / "model.safetensors"))
     for name, value in before.items():
         if name.endswith("mlp.down_proj.weight"):
             idx = MASK[int(name.split(".")[2])]
@@ -169,14 +202,12 @@ def _kill_tree(root: subprocess.Popen) -> list[psutil.Process]:
     return procs
 
 
-def test_deepspeed_resumes_after_sigkill_of_every_rank(uneven_runs, tiny_path):
+def test_deepspeed_resumes_after_sigkill_of_every_rank(run_script, uneven_runs, tiny_path):
     root, runs = uneven_runs
     out = root / "killed"
     args = _args(tiny_path, out, *UNEVEN, f"mask_path={root / 'mask.pt'}", f"deepspeed={DS_CONFIG}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                                 *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    launcher = subprocess.Popen(command(*args, nproc=2), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not (out / "checkpoint-3").is_dir() and launcher.poll() is None:
         assert time.time() < deadline
@@ -190,11 +221,11 @@ def test_deepspeed_resumes_after_sigkill_of_every_rank(uneven_runs, tiny_path):
     resumed = run_script(*args, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step" in resumed.stdout
-    assert _max_diff(_weights(out), _weights(runs["deepspeed"])) <= 1e-6
-    assert _deepspeed_optimizer_steps(_final(out)) == {6}
+    assert _max_diff(final_weights(out), final_weights(runs["deepspeed"])) <= 1e-6
+    assert _deepspeed_optimizer_steps(final_checkpoint(out)) == {6}
 
 
-def test_deepspeed_in_one_process_trains_bf16_with_fp32_masters(tiny_path, tmp_path):
+def test_deepspeed_in_one_process_trains_bf16_with_fp32_masters(run_script, tiny_path, tmp_path):
     """`python unlearn.py deepspeed=...` (no torchrun): full-parameter bf16 training at lr 1e-5 moves (nearly) as many
     weights as the same run in fp32, rounded to bf16 for the comparison."""
     common = ("forget_loss=ga", "epochs=8", "batch_size=8", "lr=1e-5", "lr_scheduler=constant", "save_checkpoint=false")
@@ -202,7 +233,7 @@ def test_deepspeed_in_one_process_trains_bf16_with_fp32_masters(tiny_path, tmp_p
         result = run_script(*_args(tiny_path, tmp_path / name, *common, *extra))
         assert result.returncode == 0, result.stderr[-3000:]
     before = {k: v.bfloat16() for k, v in load_file(str(tiny_path / "model.safetensors")).items()}
-    after = {name: _weights(tmp_path / name) for name in ("bf16", "fp32")}
+    after = {name: final_weights(tmp_path / name) for name in ("bf16", "fp32")}
     assert {v.dtype for v in after["bf16"].values()} == {torch.bfloat16}
     moved = {name: sum((w[k].bfloat16() != before[k]).sum().item() for k in before) for name, w in after.items()}
     # 40 Adam steps of 1e-5: bf16 weights alone round most of them away (half a bf16 ulp of 0.02 is 6e-5).

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 import time
 import zlib
 from dataclasses import replace
@@ -18,33 +15,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+from conftest import compose_config, ok
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tok_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import evaluator as E
 import metrics as M
 from dataloader import encode_qa
 from eval_tofu import evaluate
-from models import family_config, load_model, load_tokenizer, tiny_model_path
+from models import family_config, load_model, load_tokenizer
 from runtime import ConfigError
 from tofu import load_tofu
 
-REPO = Path(__file__).resolve().parents[1]
-TOFU_DIR = Path(os.environ.get("TOFU_DIR", REPO / ".." / "shared" / "data" / "tofu"))
-DATA = str(TOFU_DIR.resolve()) if TOFU_DIR.is_dir() else "synthetic"
+# Unit tests of the evaluation: the synthetic data (tests/test_data.py checks the real TOFU files' structure).
+DATA = "synthetic"
 # Small enough to keep every run of the entry point to a few seconds on 2 CPU cores.
 SMALL = ["forget_split=forget01", "max_samples=6", "max_new_tokens=8", "batch_size=4", "generation_batch_size=2",
          f"data_path={DATA}"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: on a shared 2-core machine a second busy-waiting thread only slows them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- A stub model with a known next-token table ----
@@ -298,9 +286,8 @@ def test_stop_tokens_include_the_models_generation_config_eos(llama3_tokenizer):
 # ---- The tiny Llama ----
 
 @pytest.fixture(scope="module")
-def tiny() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, Path]:
-    path = tiny_model_path(DATA)
-    return load_model(str(path), torch.device("cpu")), load_tokenizer("tiny", str(path)), path
+def tiny(tiny_path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, Path]:
+    return load_model(str(tiny_path), torch.device("cpu")), load_tokenizer("tiny", str(tiny_path)), tiny_path
 
 
 def _encodings(tokenizer, n: int) -> list[dict[str, list[int]]]:
@@ -372,19 +359,8 @@ def test_left_padded_batched_generation_equals_unbatched(tiny):
 # ---- eval_tofu.py ----
 
 def run_eval(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(REPO / "config"), version_base=None):
-        cfg = compose("eval_tofu", overrides=list(overrides))
-    (out,) = evaluate(cfg)
+    (out,) = evaluate(compose_config("eval_tofu", overrides))
     return json.loads(out.read_text())
-
-
-def run_torchrun(*args: str, nproc: int) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    # One thread per process, like these tests' in-process runs, so both run the same kernels.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*launcher, "eval_tofu.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -443,9 +419,10 @@ def test_eval_writes_every_summary_key_and_consistent_per_sample_values(full_res
     np.testing.assert_allclose(forget["mia_loss"], -np.log(forget["prob"]), rtol=1e-6)
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one(full_result, model_dirs, tmp_path):
-    run_torchrun(f"model_path={model_dirs[0]}", f"output_dir={tmp_path}", *SMALL, nproc=2)
+def test_torchrun_two_processes_match_one(run_script, full_result, model_dirs, tmp_path):
+    # One thread per process (run_script), like these tests' in-process runs, so both run the same kernels.
+    ok(run_script("eval_tofu.py", f"model_path={model_dirs[0]}", f"output_dir={tmp_path}", *SMALL, nproc=2,
+                  timeout=300))
     two = json.loads((tmp_path / "eval_forget01.json").read_text())["per_sample"]
     one = full_result["per_sample"]
     assert two.keys() == one.keys()

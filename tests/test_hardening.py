@@ -1,35 +1,18 @@
-"""Bad input: one clear line, exit status 2, nothing half-written. Entry points run in-process for speed;
-tests/test_training.py and tests/test_generate_mask.py check the same path through real subprocesses."""
+"""Bad input to the entry points, in-process: one clear line, exit status 2, nothing half-written.
+tests/test_config.py runs each entry point once as a subprocess for the same contract."""
 from __future__ import annotations
 
-import inspect
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import run_entry
 
-import generate_mask
-import unlearn
-from conftest import ROOT
 from masks import save_mask
-from runtime import run_main
-from schema import one_line_errors, schema_keys
+from synthetic_tofu import generate
 
 TINY_MASK = [torch.tensor([0, 5]), torch.tensor([7])]
-
-
-def _run(entry, config: str, overrides: list[str], capsys) -> tuple[int, str]:
-    """What `python <entry>.py *overrides` prints last on stderr, and its exit status."""
-    with pytest.raises(SystemExit) as exit_info:
-        with one_line_errors(schema_keys(inspect.getmodule(entry).SCHEMA)):
-            with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-                cfg = compose(config_name=config, overrides=overrides)
-        run_main(lambda: entry(cfg))
-    err = capsys.readouterr().err.strip().splitlines()
-    return exit_info.value.code, err[-1] if err else ""
 
 
 @pytest.fixture
@@ -39,33 +22,19 @@ def base(tiny_path, tmp_path):
 
 
 def _mask_variants(tmp_path: Path) -> dict[str, Path]:
-    good = tmp_path / "good.pt"
-    save_mask(good, TINY_MASK, {"method": "hand", "n_layers": 2, "d_ff": 512})
-    files = {"missing": tmp_path / "missing.pt"}
-    files["truncated"] = tmp_path / "truncated.pt"
-    files["truncated"].write_bytes(good.read_bytes()[:100])
-    files["corrupt"] = tmp_path / "corrupt.pt"
+    """One mask file refused before the model loads, one unreadable, one that needs the model's shape to refuse:
+    every other refusal of masks.load_mask is tests/test_masks.py's."""
+    files = {kind: tmp_path / f"{kind}.pt" for kind in ("missing", "corrupt", "other_shape")}
     files["corrupt"].write_bytes(b"not a zip file at all")
-    files["not_a_mask"] = tmp_path / "weights.pt"
-    torch.save({"weight": torch.zeros(3)}, files["not_a_mask"])
-    files["other_shape"] = tmp_path / "shape.pt"
     save_mask(files["other_shape"], TINY_MASK + [torch.tensor([1])], {"method": "hand", "n_layers": 3, "d_ff": 512})
-    files["out_of_range"] = tmp_path / "range.pt"
-    torch.save({"format": "loc-unlearn-mask/1", "indices": [torch.tensor([0, 600]), torch.tensor([1])],
-                "meta": {"n_layers": 2, "d_ff": 512}}, files["out_of_range"])
-    files["duplicated"] = tmp_path / "dup.pt"
-    torch.save({"format": "loc-unlearn-mask/1", "indices": [torch.tensor([3, 3]), torch.tensor([1])],
-                "meta": {"n_layers": 2, "d_ff": 512}}, files["duplicated"])
     return files
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("missing", "does not exist"), ("truncated", "mask"), ("corrupt", "mask"), ("not_a_mask", "not a loc-unlearn mask"),
-    ("other_shape", "layer"), ("out_of_range", "range"), ("duplicated", "duplicate"),
-])
+@pytest.mark.parametrize("kind, message", [("missing", "does not exist"), ("corrupt", "mask"),
+                                           ("other_shape", "layer")])
 def test_bad_mask_files(base, tmp_path, capsys, kind, message):
     path = _mask_variants(tmp_path)[kind]
-    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, f"mask_path={path}"], capsys)
+    code, line = run_entry("unlearn.py", [*base, f"mask_path={path}"], capsys)
     assert code == 2 and line.startswith("error:") and message in line.lower() and str(path.name) in line
     assert not list((tmp_path / "runs").rglob("checkpoint-*"))
 
@@ -75,8 +44,12 @@ def test_bad_mask_files(base, tmp_path, capsys, kind, message):
     ("model_family=gpt5", "unknown model_family='gpt5'"),
     ("forget_split=forget50", "unknown TOFU split 'forget50'"),
     ("retain_split=retain50", "unknown TOFU split 'retain50'"),
+    ("data_path=/nonexistent/tofu", "data_path=/nonexistent/tofu is not a directory"),
     ("hyper_param=big", "override hyper_param=big: Value 'big' of type 'str' could not be converted to Float"),
     ("lrr=1", "unknown key 'lrr' (did you mean lr?)"),
+    ("+ratioo=1", "unknown key 'ratioo'"),
+    ("precision=fp16", "precision='fp16'; expected one of ['bf16', 'fp32']"),
+    ("precision=bf16", "full-parameter training with precision=bf16 and no fp32 master weights"),
     ("forget_loss=grad_diff retain_weight=2", "retain_weight=2.0: not read by forget_loss=grad_diff, which reads "
                                               "hyper_param (λ: weight of the retain NLL)"),
     ("forget_loss=learn hyper_param=3", "hyper_param=3.0: not read by forget_loss=learn, which reads no knob"),
@@ -89,54 +62,58 @@ def test_bad_mask_files(base, tmp_path, capsys, kind, message):
     ("save_format=compact", "save_format=compact holds the masked values only, so it needs mask_path"),
 ])
 def test_bad_unlearn_config(base, tmp_path, capsys, override, message):
-    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, *override.split()], capsys)
+    code, line = run_entry("unlearn.py", [*base, *override.split()], capsys)
     assert code == 2 and line.startswith("error:") and message in line
     assert not list((tmp_path / "runs").rglob("checkpoint-*"))
 
 
-def _tofu_copy(tofu: Path, tmp_path: Path) -> Path:
-    data = tmp_path / "tofu"
-    shutil.copytree(tofu, data)
-    return data
+def _synthetic_directory(path: Path) -> Path:
+    """The synthetic data written as a TOFU directory of JSON-lines files."""
+    path.mkdir()
+    for split, rows in generate(0).items():
+        (path / f"{split}.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
-def test_bad_data_directory(base, tofu_dir, tmp_path, capsys):
-    data = _tofu_copy(tofu_dir, tmp_path)
+def test_bad_data_directory(base, tmp_path, capsys):
+    data = _synthetic_directory(tmp_path / "tofu")
+    lines = (data / "forget01.json").read_text().splitlines()
     (data / "forget01.json").unlink()
-    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, f"data_path={data}"], capsys)
+    code, line = run_entry("unlearn.py", [*base, f"data_path={data}"], capsys)
     assert code == 2 and f"expected the file {data / 'forget01.json'}" in line
     (data / "forget01.json").write_text("")
-    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, f"data_path={data}"], capsys)
+    code, line = run_entry("unlearn.py", [*base, f"data_path={data}"], capsys)
     assert code == 2 and "is empty" in line
-    lines = (tofu_dir / "forget01.json").read_text().splitlines()
     lines[6] = lines[6][:-5]
     (data / "forget01.json").write_text("\n".join(lines))
-    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, f"data_path={data}"], capsys)
+    code, line = run_entry("unlearn.py", [*base, f"data_path={data}"], capsys)
     assert code == 2 and f"{data / 'forget01.json'}:7: malformed JSON" in line
 
 
 @pytest.mark.parametrize("override, message", [
     ("ratio=1.01", "ratio=1.01 must be a number in (0, 1]"),
+    ("ratio=0", "ratio=0.0 must be a number in (0, 1]"),
     ("ratio=-0.1", "ratio=-0.1 must be a number in (0, 1]"),
     ("ratio=all", "override ratio=all: Value 'all' of type 'str' could not be converted to Float"),
     ("memflex_rule=strict", "memflex_rule='strict'; expected one of ['budget', 'threshold']"),
     ("ig_steps=2", "ig_steps=2: not read by attribution=activation, which reads progress (docs/attribution.md)"),
     ("attribution=magic", "unknown attribution='magic'"),
     ("variant=opposite", "unknown variant='opposite'"),
+    ("variant=random_complement", "needs target_mask_path"),
     ("target_mask_path=nowhere.pt", "target_mask_path=nowhere.pt does not exist"),
     ("mask_root=/etc/hostname/masks", "is not a directory"),
 ])
 def test_bad_mask_config(tiny_path, tmp_path, capsys, override, message):
     args = ["model_family=tiny", f"model_path={tiny_path}", "data_path=synthetic", "forget_split=forget01",
             f"mask_root={tmp_path}", override]
-    code, line = _run(generate_mask.generate, "get_mask_tofu", args, capsys)
+    code, line = run_entry("generate_mask.py", args, capsys)
     assert code == 2 and line.startswith("error:") and message in line
     assert not list(tmp_path.rglob("*.pt"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, capsys):
-    code, line = _run(unlearn.unlearn, "forget_tofu",
-                      [*base, "forget_loss=ga", "lr=1e30", "max_grad_norm=0", "save_steps=1", "epochs=3"], capsys)
+    args = [*base, "forget_loss=ga", "lr=1e30", "max_grad_norm=0", "save_steps=1", "epochs=3"]
+    code, line = run_entry("unlearn.py", args, capsys)
     assert code == 2 and "loss became" in line and "at step" in line
     step = int(line.split("at step ")[1].split(";")[0])
     kept = sorted((tmp_path / "runs").rglob("checkpoint-*"))
@@ -146,8 +123,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path
 
 def test_a_run_directory_of_another_config_is_not_reused(base, tmp_path, capsys):
     out = f"output_dir={tmp_path / 'run'}"
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        unlearn.unlearn(compose(config_name="forget_tofu", overrides=[*base, out, "seed=1"]))
-    capsys.readouterr()
-    code, line = _run(unlearn.unlearn, "forget_tofu", [*base, out, "seed=2"], capsys)
+    assert run_entry("unlearn.py", [*base, out, "seed=1"], capsys)[0] == 0
+    code, line = run_entry("unlearn.py", [*base, out, "seed=2"], capsys)
     assert code == 2 and "holds a run with other settings (seed=1)" in line

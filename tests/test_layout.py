@@ -5,15 +5,27 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-
-import layout
 from conftest import ROOT
 
+import layout
+from io_utils import run_main
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "layout.py"), *args], capture_output=True, text=True, timeout=60)
+
+def _cli(capsys, *args: str) -> SimpleNamespace:
+    """`python layout.py *args` in-process: its exit status, stdout and stderr."""
+    code = 0
+    try:
+        run_main(lambda: layout.main(list(args)))
+    except SystemExit as exit_info:
+        code = exit_info.code
+        if isinstance(code, str):  # what the interpreter does with SystemExit("message")
+            print(code, file=sys.stderr)
+            code = 1
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def _checkpoint(run: Path, step: int, final: bool = False, state: bool = False) -> Path:
@@ -25,7 +37,7 @@ def _checkpoint(run: Path, step: int, final: bool = False, state: bool = False) 
     return path
 
 
-def test_layout_does_not_import_torch():
+def test_layout_does_not_import_torch(processes):
     # The scripts call it for every name they need; torch would add ~5 s to each call.
     code = "import sys, layout; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -69,28 +81,30 @@ def test_mask_and_eval_paths(tmp_path):
     assert layout.EVAL_RESULT_RE.fullmatch(layout.eval_path("m", "forget10").name)
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys):
     run = tmp_path / "run with space"
     for step in (10, 9):
         _checkpoint(run, step, final=step == 10)
-    assert _cli("checkpoints", str(run)).stdout.splitlines() == [str(run / "checkpoint-9"), str(run / "checkpoint-10")]
-    assert _cli("final", str(run)).stdout.strip() == str(run / "checkpoint-10")
+    assert _cli(capsys, "checkpoints", str(run)).stdout.splitlines() == [str(run / "checkpoint-9"),
+                                                                         str(run / "checkpoint-10")]
+    assert _cli(capsys, "final", str(run)).stdout.strip() == str(run / "checkpoint-10")
     unfinished = tmp_path / "unfinished"
     _checkpoint(unfinished, 3)
-    done = _cli("final", str(unfinished))
+    done = _cli(capsys, "final", str(unfinished))
     assert done.returncode == 1 and "holds no checkpoint marked final" in done.stderr and not done.stdout
-    missing = _cli("checkpoints", str(run), str(tmp_path / "nowhere"))
-    assert missing.returncode == 2 and missing.stderr.strip() == f"error: run directory {tmp_path / 'nowhere'} does not exist"
-    assert _cli("eval-path", "--forget-split", "forget01", "a", "b c").stdout.splitlines() == [
+    missing = _cli(capsys, "checkpoints", str(run), str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: run directory {tmp_path / 'nowhere'} does not exist"
+    assert _cli(capsys, "eval-path", "--forget-split", "forget01", "a", "b c").stdout.splitlines() == [
         "a/eval_results/eval_forget01.json", "b c/eval_results/eval_forget01.json"]
-    masks = _cli("mask-path", "--mask-root", "R", "--attribution", "random_down", "--model-family", "tiny",
+    masks = _cli(capsys, "mask-path", "--mask-root", "R", "--attribution", "random_down", "--model-family", "tiny",
                  "--forget-split", "forget01", "--variant", "random_complement", "--ratio", "0.10", "--seed", "2")
     assert masks.stdout.strip() == layout.mask_path("R", "random_down", "tiny", "forget01", "random_complement", 0.1, 2)
 
 
 @pytest.mark.parametrize("ratio", ["0.1", "1", "0.05"])
-def test_cli_mask_path_matches_what_generate_mask_writes(ratio):
+def test_cli_mask_path_matches_what_generate_mask_writes(capsys, ratio):
     # generate_mask.py passes the config's ratio as Hydra parsed it (a float): the CLI must spell it the same way.
-    done = _cli("mask-path", "--mask-root", "R", "--attribution", "a", "--model-family", "f", "--forget-split", "s",
-                "--ratio", ratio, "--seed", "1")
+    done = _cli(capsys, "mask-path", "--mask-root", "R", "--attribution", "a", "--model-family", "f",
+                "--forget-split", "s", "--ratio", ratio, "--seed", "1")
     assert done.stdout.strip() == layout.mask_path("R", "a", "f", "s", "normal", float(ratio), 1)

@@ -5,8 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import random_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from dataloader import (
     LOSSES,
@@ -100,17 +101,7 @@ def stub_batch(forget_ref: list[float] | None = None, idk_ref: list[float] | Non
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config).train()
+    return random_llama(seed, max_position_embeddings=32).train()
 
 
 def llama_part(seed: int, batch_size: int = 2, length: int = 8, prompt: int = 3) -> dict:
@@ -144,23 +135,54 @@ def sgd_steps(model: nn.Module, loss_name: str, batch: dict, ref_model: nn.Modul
 # ---- registry ----
 
 
-def test_registry_metadata() -> None:
-    expected = {
-        "learn": (("forget",), (), False),
-        "learn_reg": (("forget", "retain"), (), False),
-        "ga": (("forget",), (), False),
-        "grad_diff": (("forget", "retain"), (), False),
-        "kl": (("forget", "retain"), (), True),
-        "learn_kl": (("forget", "retain"), (), True),
-        "wga": (("forget", "retain"), (), False),
-        "npo": (("forget", "retain"), ("forget",), False),
-        "simnpo": (("forget", "retain"), (), False),
-        "dpo": (("forget", "idk", "retain"), ("forget", "idk"), False),
-        "idk": (("idk", "retain"), (), False),
-        "rmu": (("forget", "retain"), (), True),
-        "rt_diff": (("forget",), (), True),
-    }
-    assert {name: (s.parts, s.cached_ref, s.resident_ref) for name, s in LOSSES.items()} == expected
+class Poison:
+    """Stands in for what a loss must not read: any use of it fails the test."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def _refuse(self, *args, **kwargs):
+        raise AssertionError(f"the loss read {self.what}, which it does not declare")
+
+    __getitem__ = __getattr__ = __iter__ = __contains__ = __call__ = __len__ = _refuse
+
+
+PARTS = ("forget", "retain", "idk")
+
+
+def declared_batch(spec, seed: int = 0) -> dict:
+    """The parts `spec` declares (with the reference NLLs of its cached ones), every other part poisoned."""
+    batch = {}
+    for i, name in enumerate(PARTS):
+        if name not in spec.parts:
+            batch[name] = Poison(f"batch[{name!r}]")
+            continue
+        batch[name] = llama_part(10 * seed + i)
+        if name in spec.cached_ref:
+            batch[name]["ref_nll"] = torch.tensor([3.0, 4.0])
+    return batch
+
+
+@pytest.mark.parametrize("name", [n if n != "rmu" else "rmu_1" for n in LOSSES])
+def test_a_loss_reads_exactly_the_batch_parts_it_declares(name: str) -> None:
+    """It runs with only its declared parts (the others poisoned), and each declared part, each cached reference NLL
+    and the resident reference model (only when declared) changes its value (at all: SimNPO's saturated forget term
+    on a random model moves it by 1e-6 only)."""
+    spec = get_loss(name)
+    model = tiny_llama(0)
+    ref = frozen(tiny_llama(1)) if spec.resident_ref else Poison("ref_model")
+    cfg = {"seed": 0}
+    base = declared_batch(spec)
+    value = spec(model, base, ref, cfg)
+    assert value.isfinite() and value.requires_grad
+    for part in spec.parts:
+        other = {**base, part: declared_batch(spec, seed=1)[part]}
+        assert spec(model, other, ref, cfg) != value, f"{part} is not read"
+    for part in spec.cached_ref:
+        other = {**base, part: {**base[part], "ref_nll": base[part]["ref_nll"] + 1.0}}
+        assert spec(model, other, ref, cfg) != value, f"{part}'s ref_nll is not read"
+    if spec.resident_ref:
+        assert spec(model, base, frozen(tiny_llama(2)), cfg) != value, "the reference model is not read"
 
 
 def test_get_loss_parses_rmu_layer_and_rejects_unknown() -> None:
@@ -219,8 +241,8 @@ def test_answer_only_head_equals_full_logits(wrap: str) -> None:
 
     fast, fast_mask, fast_grads = value_and_grads(lambda: token_nll(model, batch))
     full, full_mask, full_grads = value_and_grads(
-        lambda: token_nll_from_logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                      batch["labels"]))
+        lambda: token_nll_from_logits(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]))
     assert torch.equal(fast_mask, full_mask) and fast_mask.sum() > 0
     assert torch.allclose(fast, full, atol=1e-5) and (fast[~fast_mask] == 0).all()
     for a, b in zip(fast_grads, full_grads):

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_llama
 
 import mask_generator as mg
 import masks
@@ -16,16 +17,8 @@ PROMPT = 4
 
 
 def tiny_llama(**overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_FF, num_hidden_layers=N_LAYERS,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, **overrides,
-    )
-    m = LlamaForCausalLM(cfg).float()
-    m.eval()
-    return m
+    return random_llama(0, vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=D_FF, num_hidden_layers=N_LAYERS,
+                        initializer_range=0.2, **overrides).float().eval()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +62,8 @@ def summed_nll(model, batches) -> torch.Tensor:
     total = 0.0
     for b in batches:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        total = total + F.cross_entropy(logits[:, :-1].transpose(1, 2), b["labels"][:, 1:], ignore_index=-100, reduction="sum")
+        total = total + F.cross_entropy(logits[:, :-1].transpose(1, 2), b["labels"][:, 1:], ignore_index=-100,
+                                        reduction="sum")
     return total
 
 
@@ -180,7 +174,8 @@ def test_corrupt_answers():
     for row in range(2):
         n_ans = int((b["labels"][row] != -100).sum())
         assert 0 < int(changed[row].sum()) <= n_ans // 2
-    assert torch.equal(c["labels"].masked_fill(c["labels"] == -100, 0), c["input_ids"].masked_fill(b["labels"] == -100, 0))
+    assert torch.equal(c["labels"].masked_fill(c["labels"] == -100, 0),
+                       c["input_ids"].masked_fill(b["labels"] == -100, 0))
     # an example's corruption does not depend on its batch
     single = mg.corrupt_answers({k: v[1:] for k, v in b.items()}, VOCAB, seed=5, copy=0)
     assert torch.equal(single["labels"][0], c["labels"][1])
@@ -209,7 +204,8 @@ def test_memflex_statistics_match_direct(model):
 
     gf, gr = mean_grad(FORGET), mean_grad(RETAIN)
     for l, i in PICKS:
-        assert cosine[l, i].item() == pytest.approx(F.cosine_similarity(gf[l][:, i], gr[l][:, i], dim=0).item(), abs=1e-5)
+        expected = F.cosine_similarity(gf[l][:, i], gr[l][:, i], dim=0).item()
+        assert cosine[l, i].item() == pytest.approx(expected, abs=1e-5)
         assert mag[l, i].item() == pytest.approx(gf[l][:, i].abs().mean().item(), rel=1e-4)
 
 
@@ -249,7 +245,8 @@ def test_memflex_budget_and_threshold_rules(model):
     sel_small = masks.select_top(scores, 3 / (N_LAYERS * D_FF))
     assert {(l, int(i)) for l, t in enumerate(sel_small) for i in t} == set(expected[:3])
     sigma = float(mag.median())
-    thr = mg.compute_scores("memflex_down", model, FORGET, RETAIN, {**cfg, "memflex_rule": "threshold", "memflex_sigma": sigma})
+    thr = mg.compute_scores("memflex_down", model, FORGET, RETAIN,
+                            {**cfg, "memflex_rule": "threshold", "memflex_sigma": sigma})
     keep = {(l, i) for l, i in passing if mag[l, i] > sigma}
     sel_thr = masks.select_top(thr, 1.0, finite_only=True)
     assert {(l, int(i)) for l, t in enumerate(sel_thr) for i in t} == keep
@@ -298,7 +295,8 @@ def test_ig_two_steps_direct(ig_model, mode):
     pos3 = pos.unsqueeze(-1)
     mlps = [layer.mlp for layer in ig_model.model.layers]
     mlp_in = {}
-    hs = [m.register_forward_hook(lambda mod, args, out, l=l: mlp_in.__setitem__(l, args[0])) for l, m in enumerate(mlps)]
+    hs = [m.register_forward_hook(lambda mod, args, out, l=l: mlp_in.__setitem__(l, args[0]))
+          for l, m in enumerate(mlps)]
     with torch.no_grad():
         ig_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     for h in hs:
@@ -309,7 +307,8 @@ def test_ig_two_steps_direct(ig_model, mode):
         grads = {l: torch.zeros_like(acts[l]) for l in group}
         for alpha in (0.5, 1.0):
             leaves = {l: (acts[l] * alpha).requires_grad_(True) for l in group}
-            hs = [mlps[l].down_proj.register_forward_pre_hook(lambda mod, args, l=l: (torch.where(pos3, leaves[l], args[0]),))
+            hs = [mlps[l].down_proj.register_forward_pre_hook(
+                      lambda mod, args, l=l, leaves=leaves: (torch.where(pos3, leaves[l], args[0]),))
                   for l in group]
             try:
                 logp = -summed_nll(ig_model, [batch])
@@ -386,7 +385,8 @@ class _ToyLM(torch.nn.Module):
         return type("Out", (), {"logits": self.head(h)})()
 
 
-DIST_METHODS = [("activation", {}), ("wagle_down", {"wagle_mu": 1e-3}), ("memflex_down", {"seed": 3, "memflex_copies": 2, "memflex_vocab_size": VOCAB}),
+DIST_METHODS = [("activation", {}), ("wagle_down", {"wagle_mu": 1e-3}),
+                ("memflex_down", {"seed": 3, "memflex_copies": 2, "memflex_vocab_size": VOCAB}),
                 ("ig_down", {"ig_steps": 2})]
 
 
@@ -397,14 +397,15 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         m = _ToyLM()
-        results = {name: mg.compute_scores(name, m, FORGET[rank::world], RETAIN[rank::world], {**cfg, "progress": False})
+        results = {name: mg.compute_scores(name, m, FORGET[rank::world], RETAIN[rank::world],
+                                           {**cfg, "progress": False})
                    for name, cfg in DIST_METHODS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_distributed_gloo_two_ranks_equal_one_process(tmp_path):
+def test_distributed_gloo_two_ranks_equal_one_process(processes, tmp_path):
     import torch.multiprocessing as tmp_mp
 
     # fork: the ranks inherit the imported modules (spawn would re-import torch in each, ~3x slower here)

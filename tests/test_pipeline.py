@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from conftest import run_script
+from conftest import ok
 
 EVAL = ["model_family=tiny", "data_path=synthetic", "forget_split=forget01", "max_samples=40", "max_new_tokens=40"]
 
@@ -19,38 +18,33 @@ def _final(run: Path) -> Path:
     return max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def _ok(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def _summary(model: Path, *extra: str) -> dict:
-    _ok(run_script("eval_tofu.py", f"model_path={model}", *EVAL, *extra))
+def _summary(run_script, model: Path, *extra: str) -> dict:
+    ok(run_script("eval_tofu.py", f"model_path={model}", *EVAL, *extra))
     return json.loads((model / "eval_results" / "eval_forget01.json").read_text())["summary"]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_path, tmp_path_factory):
+def pipeline(run_script, tiny_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     common = ["model_family=tiny", "data_path=synthetic", "batch_size=16"]
-    _ok(run_script("unlearn.py", *common, f"model_path={tiny_path}", "forget_loss=learn", "forget_split=retain99",
+    ok(run_script("unlearn.py", *common, f"model_path={tiny_path}", "forget_loss=learn", "forget_split=retain99",
                    "epochs=2", "save_checkpoint=false", f"output_dir={root / 'theta_r'}"))
     theta_r = _final(root / "theta_r")
-    _ok(run_script("generate_mask.py", *common, f"model_path={theta_r}", "attribution=random_down", "seed=3",
+    ok(run_script("generate_mask.py", *common, f"model_path={theta_r}", "attribution=random_down", "seed=3",
                    "forget_split=forget01", f"mask_root={root / 'masks'}"))
     (v_tgt,) = (root / "masks").rglob("*.pt")
-    _ok(run_script("unlearn.py", *common, f"model_path={theta_r}", "forget_loss=learn_reg", "forget_split=forget01",
+    ok(run_script("unlearn.py", *common, f"model_path={theta_r}", "forget_loss=learn_reg", "forget_split=forget01",
                    f"mask_path={v_tgt}", "epochs=15", "lr=1e-2", "batch_size=8", "save_checkpoint=false",
                    f"output_dir={root / 'theta_f'}"))
     theta_f = _final(root / "theta_f")
-    retain = _summary(theta_r)
+    retain = _summary(run_script, theta_r)
     retain_json = theta_r / "eval_results" / "eval_forget01.json"
-    retain_self = _summary(theta_r, f"retain_result={retain_json}")
-    full = _summary(theta_f, f"retain_result={retain_json}")
-    _ok(run_script("unlearn.py", *common, f"model_path={theta_f}", "forget_loss=npo", "forget_split=forget01",
+    retain_self = _summary(run_script, theta_r, f"retain_result={retain_json}")
+    full = _summary(run_script, theta_f, f"retain_result={retain_json}")
+    ok(run_script("unlearn.py", *common, f"model_path={theta_f}", "forget_loss=npo", "forget_split=forget01",
                    f"mask_path={v_tgt}", "epochs=3", "lr=5e-3", "batch_size=8", "lr_scheduler=constant",
                    f"output_dir={root / 'unlearned'}"))
-    unlearned = _summary(_final(root / "unlearned"), f"retain_result={retain_json}")
+    unlearned = _summary(run_script, _final(root / "unlearned"), f"retain_result={retain_json}")
     return {"retain": retain, "retain_self": retain_self, "full": full, "unlearned": unlearned}
 
 
