@@ -12,6 +12,7 @@ from mask_generator import ATTRIBUTIONS
 
 sys.path.insert(0, str(ROOT / "bench"))
 from common import LLAMA31_8B_PARAMS  # noqa: E402
+
 from gpu_check import CHECKS  # noqa: E402
 
 # Mostly imports of torch and transformers (three processes for bench_unlearn); ~35 s together on 2 idle cores. The

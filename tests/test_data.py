@@ -49,8 +49,8 @@ def test_synthetic_has_tofu_structure_and_is_deterministic():
 
 
 def test_synthetic_size_knob_keeps_tofu_fractions():
-    """`synthetic:N`: the first N authors of the 200 (the same draw), forget10 their last tenth, a tenth as many holdout authors, and the
-    retain evaluation rows inside retain90 even when 400 rows would reach into forget10."""
+    """`synthetic:N`: the first N authors of the 200 (the same draw), forget10 their last tenth, a tenth as many
+    holdout authors, and the retain evaluation rows inside retain90 even when 400 rows would reach into forget10."""
     pair = lambda rows: [(r["question"], r["answer"]) for r in rows]  # noqa: E731
     full = pair(load_tofu("full", "synthetic:20"))
     assert full == pair(load_tofu("full", "synthetic"))[:400]
