@@ -4,7 +4,7 @@
 #                                      default
 #   bash scripts/test.sh integration   the tests that start processes (entry points, torchrun, DeepSpeed, SIGKILL,
 #                                      the pipeline, the bench scripts), two at a time (pytest-xdist)
-#   bash scripts/test.sh all           both tiers in one run, two tests at a time (CI runs the two tiers separately)
+#   bash scripts/test.sh all           both tiers in one run, two tests at a time (what CI runs)
 #   bash scripts/test.sh lint          ruff check . (the rules of ruff.toml)
 # Further arguments go to pytest, e.g. `bash scripts/test.sh fast -k losses -x`.
 set -uo pipefail
