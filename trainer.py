@@ -163,6 +163,7 @@ def train(
         progress.close()
         return save(final=True)
     finally:
+        progress.close()  # also on an error, so the bar is drawn before the entry point's one-line message
         if board is not None:
             board.close()
 
