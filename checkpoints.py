@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from layout import STATE_FILE
 from masking import masked_modules
 from models import load_model
 from runtime import ConfigError, atomic_path, run_main
@@ -208,7 +209,7 @@ def export(checkpoint: str, out_dir: str) -> Path:
     if meta is None:
         raise ConfigError(f"{checkpoint} is not a compact checkpoint (no {COMPACT_META})")
     model = load_any_model(checkpoint, torch.device("cpu"), getattr(torch, meta["dtype"]))
-    skip = {COMPACT_META, VALUES_FILE, "config.json", "trainer_state.pt"}  # config.json: save_pretrained writes it
+    skip = {COMPACT_META, VALUES_FILE, "config.json", STATE_FILE}  # config.json: save_pretrained writes it
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for item in Path(checkpoint).iterdir():
