@@ -39,7 +39,8 @@ from evaluator import (
 )
 from io_utils import ConfigError, check_writable, run_main, write_json
 from layout import EVAL_RESULT_RE, eval_path
-from models import family_config, load_tokenizer, resolve_model_path
+from models import family_config, load_tokenizer
+from pretraining import resolve_model_path
 from runtime import broadcast_object, init_distributed, is_main, seed_everything, setup_logging
 from schema import EvalConfig, hydra_entry, register, to_dict, with_family_defaults
 from tofu import load_tofu

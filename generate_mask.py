@@ -21,7 +21,8 @@ from io_utils import ConfigError, check_writable, run_main
 from layout import mask_path
 from mask_generator import ATTRIBUTION_KNOBS, ATTRIBUTIONS, SHAPE_ONLY, compute_scores
 from masks import load_mask, make_meta, random_complement, save_mask, select_top
-from models import family_config, load_tokenizer, resolve_model_path, value_vector_shape
+from models import family_config, load_tokenizer, value_vector_shape
+from pretraining import resolve_model_path
 from runtime import init_distributed, is_main, seed_everything, setup_logging, shard
 from schema import (
     MaskConfig,

@@ -110,6 +110,7 @@ class UnlearnConfig(TofuRunConfig):
     retain_split: str | None = MISSING
     forget_loss: str = MISSING
     hyper_param: float | None = MISSING
+    replay: float | None = MISSING
     idk_path: str | None = MISSING
     retain_model_path: str | None = MISSING
     mask_path: str | None = MISSING

@@ -21,7 +21,8 @@ from io_utils import ConfigError, check_writable, run_main
 from layout import RUN_CONFIG, checkpoints, final_checkpoint, run_dir
 from masking import MaskedValues, apply_lora
 from masks import load_mask
-from models import DTYPES, family_config, load_tokenizer, resolve_model_path, resolve_precision, value_vector_shape
+from models import DTYPES, family_config, load_tokenizer, resolve_precision, value_vector_shape
+from pretraining import default_replay, replay_rows, resolve_model_path
 from runtime import init_distributed, is_main, seed_everything, setup_logging
 from schema import UnlearnConfig, foreign_knobs, hydra_entry, register, to_dict, unique_knobs, with_family_defaults
 from tofu import load_tofu, retain_split_for
@@ -122,6 +123,12 @@ def unlearn(cfg: DictConfig) -> None:
         raise ConfigError("save_format=compact holds the masked values only, so it needs mask_path; LoRA and "
                           "full-parameter runs save full checkpoints")
     c["save_format"] = c["save_format"] or ("compact" if c["mask_path"] else "full")
+    partial = bool(c["mask_path"] or c["lora_r"] > 0)
+    if c["replay"] is None:
+        c["replay"] = default_replay(c["model_family"], c["forget_loss"], partial)
+    elif c["replay"] and (c["forget_loss"] != "learn" or partial):
+        raise ConfigError(f"replay={c['replay']}: only a full-parameter fine-tune (forget_loss=learn, no mask_path or "
+                          "lora_r) replays the pretraining corpus")
     c["precision"] = resolve_precision(c["precision"], device)
     if c["precision"] != "fp32" and not (c["mask_path"] or c["lora_r"] > 0 or c["deepspeed"]):
         raise ConfigError(f"full-parameter training with precision={c['precision']} and no fp32 master weights loses "
@@ -137,12 +144,16 @@ def unlearn(cfg: DictConfig) -> None:
     model_path = resolve_model_path(c["model_family"], c["model_path"], c["data_path"])
     family = family_config(c["model_family"])
     forget_rows = load_tofu(c["forget_split"], c["data_path"])
+    replayed = replay_rows(c["model_family"], c["data_path"], c["replay"], c["seed"])
+    forget_rows += replayed
     retain_rows = load_tofu(c["retain_split"], c["data_path"]) if "retain" in spec.parts else []
     tokenizer = load_tokenizer(c["model_family"], model_path)
     dataset = UnlearnDataset(forget_rows, retain_rows, load_idk(c["idk_path"]), tokenizer, family,
                              c["max_length"], spec.parts, c["seed"])
-    log.info("loaded %d %s examples%s from %s", len(dataset), c["forget_split"],
-             f" (+ {c['retain_split']})" if retain_rows else "", c["data_path"] or "the hub")
+    log.info("loaded %d %s examples%s%s from %s", len(dataset), c["forget_split"],
+             f" (+ {c['retain_split']})" if retain_rows else "",
+             f" (incl. {len(replayed)} replayed pretraining rows)" if replayed else "",
+             c["data_path"] or "the hub")
 
     model = load_any_model(model_path, device, DTYPES[c["precision"]])
     # After loading, which fetches a hub model into the local cache the reference then points to.

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("checkpoints",),
     ("checkpointer",),
     ("trainer", "evaluator"),
-    ("mask_generator",),
+    ("mask_generator", "pretraining"),
     ("unlearn", "generate_mask", "eval_tofu", "aggregate"),
 ]
 
