@@ -396,7 +396,7 @@ def cmd_injection(args: argparse.Namespace) -> None:
 
 SWEEP_SELECT = ("aues", "mu95")
 SWEEP_CSV_FIELDS = ("method", "lr", "hyper_param", "epochs", "seeds", "aues", "aues_std", "mu95", "mu95_std",
-                    "chosen")
+                    "diverged", "chosen")
 # A setting's runs must have been scored alike, against one theta_o and one retain model, to be ranked together.
 SWEEP_SHARED = ("aues_method", "mu_threshold", "theta_o", "retain_result")
 
@@ -405,7 +405,8 @@ def selection_rule(select: str) -> str:
     """The rule select_settings applies, in words (printed above the table and stored in sweep.json)."""
     other = {"aues": "mu95", "mu95": "aues"}[select]
     return (f"per method, the setting (lr, hyper_param, epochs) with the highest {select} (mean over its seeds); "
-            f"a tie goes to the higher mean {other}, then to fewer epochs, a lower lr, a lower hyper_param")
+            f"a tie goes to the higher mean {other}, then to fewer epochs, a lower lr, a lower hyper_param; a setting "
+            f"whose loss diverged for any seed is not chosen")
 
 
 def load_sweep(root: str | os.PathLike) -> list[dict[str, Any]]:
@@ -438,16 +439,19 @@ def select_settings(results: Sequence[dict[str, Any]], select: str = "aues") -> 
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"{method} lr={lr} hyper_param={hyper_param} epochs={epochs} has seeds {seeds}: a seed "
                               f"repeats ({', '.join(sorted(r['run_dir'] for r in runs))})")
-        aues, aues_std = _mean_std([r["aues"] for r in runs])
-        mu95, mu95_std = _mean_std([r["mu95"] for r in runs])
+        diverged = sorted(r["setting"]["seed"] for r in runs if r.get("diverged"))
+        # A setting that diverged for any seed has no mean to rank and is never chosen.
+        scores = {k: (None, None) if diverged else _mean_std([r[k] for r in runs]) for k in ("aues", "mu95")}
         rows.append({"method": method, "lr": lr, "hyper_param": hyper_param, "epochs": epochs, "seeds": seeds,
-                     "aues": aues, "aues_std": aues_std, "mu95": mu95, "mu95_std": mu95_std, "chosen": False,
+                     "aues": scores["aues"][0], "aues_std": scores["aues"][1], "mu95": scores["mu95"][0],
+                     "mu95_std": scores["mu95"][1], "diverged": diverged, "chosen": False,
                      "run_dirs": sorted(r["run_dir"] for r in runs)})
     # Cheapest first (fewer epochs, lower lr and hyper_param), so that max(), which keeps the first of equal
     # maxima, breaks a tie in the scores the way the rule says.
     rows.sort(key=lambda r: (r["method"], r["epochs"], r["lr"], r["hyper_param"] is not None, r["hyper_param"] or 0))
     for method in dict.fromkeys(r["method"] for r in rows):
-        max((r for r in rows if r["method"] == method), key=lambda r: (r[select], r[other]))["chosen"] = True
+        if ranked := [r for r in rows if r["method"] == method and not r["diverged"]]:
+            max(ranked, key=lambda r: (r[select], r[other]))["chosen"] = True
     return rows
 
 
@@ -461,8 +465,10 @@ def write_sweep_table(root: str | os.PathLike, select: str, out: str | os.PathLi
     header = ["method", "lr", "hyper_param", "epochs", "seeds", "AUES", "MU95"]
 
     def cells(r: dict[str, Any]) -> list[str]:
+        scores = ([f"diverged (seed {' '.join(map(str, r['diverged']))})", "—"] if r["diverged"] else
+                  [_pm(r["aues"], r["aues_std"]), _pm(r["mu95"], r["mu95_std"])])
         return [r["method"], str(r["lr"]), str(r["hyper_param"]), str(r["epochs"]), " ".join(map(str, r["seeds"])),
-                _pm(r["aues"], r["aues_std"]), _pm(r["mu95"], r["mu95_std"])]
+                *scores]
 
     markdown = "\n\n".join([
         f"Selection rule (select={select}): {selection_rule(select)}. AUES ({shared['aues_method']}) and MU95 "
@@ -472,8 +478,8 @@ def write_sweep_table(root: str | os.PathLike, select: str, out: str | os.PathLi
     out = Path(out)
     with atomic_path(out / f"{SWEEP_TABLE}.md") as tmp:
         tmp.write_text(markdown + "\n")
-    write_csv(out / f"{SWEEP_TABLE}.csv", [{**r, "seeds": " ".join(map(str, r["seeds"]))} for r in rows],
-              SWEEP_CSV_FIELDS)
+    write_csv(out / f"{SWEEP_TABLE}.csv", [{**r, **{k: " ".join(map(str, r[k])) for k in ("seeds", "diverged")}}
+                                           for r in rows], SWEEP_CSV_FIELDS)
     write_json(out / f"{SWEEP_TABLE}.json", {"select": select, "rule": selection_rule(select), **shared,
                                              "chosen": {r["method"]: r for r in chosen}, "settings": rows})
     return markdown

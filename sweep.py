@@ -43,6 +43,7 @@ from schema import (
     to_dict,
     unknown_key_line,
 )
+from trainer import NonFiniteLoss
 
 log = logging.getLogger("loc_unlearn")
 
@@ -112,15 +113,25 @@ def run_setting(cfg: DictConfig) -> Path:
         log.info("skipped: %s holds the scores of this setting", result_file)
         return result_file
 
+    setting = {k: resolved[k] for k in SETTING_KEYS}
+    method = c["forget_loss"] + (f"/{Path(c['mask_path']).stem}" if c["mask_path"] else "")
+    about = {"config": record, "method": method, "setting": setting, "run_dir": str(out), "theta_o": c["model_path"],
+             "retain_result": c["retain_result"], "aues_method": c["aues"], "mu_threshold": c["mu_threshold"]}
     unlearn_cfg.output_dir = str(out)
-    unlearn.unlearn(unlearn_cfg)
+    try:
+        unlearn.unlearn(unlearn_cfg)
+    except ConfigError as err:
+        if not isinstance(err.__cause__, NonFiniteLoss):
+            raise
+        # In a grid a loss that turns non-finite (too high an lr) is an outcome of the setting: recorded, it is
+        # shown in the table and never chosen, and the other jobs go on.
+        write_json(result_file, {**about, "diverged": str(err), "aues": None, "mu95": None})
+        log.warning("diverged: %s; wrote %s", err, result_file)
+        return result_file
     eval_cfg.model_path = [c["model_path"], *(str(path) for _, path in checkpoints(out))]
     eval_tofu.evaluate(eval_cfg)
     score = score_run(load_trajectory(out, c["model_path"], c["forget_split"]), c["aues"], c["mu_threshold"])
-    setting = {k: resolved[k] for k in SETTING_KEYS}
-    method = c["forget_loss"] + (f"/{Path(c['mask_path']).stem}" if c["mask_path"] else "")
-    write_json(result_file, {"config": record, "method": method, "setting": setting, "run_dir": str(out),
-                             "theta_o": c["model_path"], "retain_result": c["retain_result"], **score})
+    write_json(result_file, {**about, "diverged": None, **score})
     log.info("AUES %.4f, MU95 %.4f: wrote %s", score["aues"], score["mu95"], result_file)
     return result_file
 

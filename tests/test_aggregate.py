@@ -261,6 +261,16 @@ def test_sweep_refuses_a_repeated_seed_and_an_unknown_rule():
         A.select_settings(SWEEP, "best")
 
 
+def test_a_setting_that_diverged_for_any_seed_is_shown_but_not_chosen():
+    diverged = {**sweep_result("npo", 2e-2, 2, 2, aues=None, mu95=None), "diverged": "loss became nan at step 3"}
+    rows = A.select_settings([*SWEEP, diverged], "aues")
+    npo = {r["lr"]: r for r in rows if r["method"] == "npo"}
+    assert (npo[2e-2]["diverged"], npo[2e-2]["aues"], npo[2e-2]["seeds"]) == ([2], None, [1, 2])
+    assert _chosen(rows)["npo"] == (1e-2, 2)  # the better mean AUES (.65) belongs to a setting that diverged once
+    alone = A.select_settings([diverged], "aues")
+    assert not alone[0]["chosen"]
+
+
 def _write_sweep(root: Path, results: list[dict]) -> None:
     for i, result in enumerate(results):
         path = root / f"run{i}" / "sweep_result.json"

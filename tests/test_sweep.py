@@ -90,6 +90,18 @@ def test_sweep_with_the_submitit_local_launcher(run_script, models, tmp_path):
     assert list((root / ".submitit").rglob("*_log.out"))  # each job ran under submitit
 
 
+def test_a_setting_whose_loss_diverges_is_recorded_and_the_single_run_writes_the_table(run_script, models,
+                                                                                      tmp_path):
+    root = tmp_path / "sweep"
+    args = [a for a in grid(models, root) if not a.startswith(("-m", "lr=", "forget_loss="))]
+    ok(run_script(*args, "forget_loss=ga", "lr=1e8", "epochs=1"))  # no -m: one job, Hydra's run mode
+    (result,) = root.rglob("sweep_result.json")
+    assert json.loads(result.read_text())["diverged"].startswith("loss became nan")
+    table = json.loads((root / "sweep.json").read_text())
+    assert table["chosen"] == {} and table["settings"][0]["diverged"] == [42]
+    assert "| ga | 100000000.0 | None | 1 | 42 | diverged (seed 42) | — |" in (root / "sweep.md").read_text()
+
+
 @pytest.mark.parametrize("overrides, line", [
     (["unlearn_args=[lr\\=1]"], "unlearn_args sets lr, which the sweep sets; give lr as a sweep key"),
     (["unlearn_args=[lrr\\=1]"], "unlearn_args: unknown key 'lrr' (did you mean lr?)"),
