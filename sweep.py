@@ -54,7 +54,7 @@ UNLEARN_KEYS = ("model_family", "model_path", "data_path", "forget_split", "mask
                 "hyper_param", "epochs", "seed", "max_length")
 EVAL_KEYS = ("model_family", "data_path", "forget_split", "max_length")
 UNLEARN_OWN = (*UNLEARN_KEYS, "output_dir", "save_root")
-EVAL_OWN = (*EVAL_KEYS, "model_path", "retain_result", "output_dir", "seed")
+EVAL_OWN = (*EVAL_KEYS, "model_path", "retain_result", "output_dir")
 # The setting as the table groups it, read from the resolved unlearn.py config (family and loss defaults filled in).
 SETTING_KEYS = ("forget_loss", "mask_path", "lr", "hyper_param", "epochs", "seed")
 # Keys that change the table, not a setting's result: a result computed with another value here is still current.
