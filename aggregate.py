@@ -5,6 +5,7 @@ checkpoints in step order), trade-off plots, and seed-paired comparisons of grou
     python aggregate.py compare --group oracle OUT_A/runs.json --group random OUT_B/runs.json --out cmp.json
     python aggregate.py methods --group activation A/runs.json --group wagle W/runs.json --group random R/runs.json
     python aggregate.py injection --theta-r THETA_R_DIR --out injection.json THETA_O_DIR [THETA_O_DIR ...]
+    python aggregate.py sweep --select aues SWEEP_ROOT    # the table of a sweep.py grid, the chosen setting per method
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ import numpy as np
 
 import metrics as M
 from io_utils import ConfigError, atomic_path, run_main, write_json
-from layout import RUN_CONFIG, checkpoints, eval_path
+from layout import RUN_CONFIG, SWEEP_RESULT, SWEEP_TABLE, checkpoints, eval_path
 
 THETA_O = "theta_o"
+AUES_METHODS = ("front", "trapezoid")  # metrics.aues's `method`
 CSV_FIELDS = ("name", "run_dir", "seed", "aues", "mu95", "chosen_checkpoint", "final_fs", "final_rs", "final_mu",
               "final_fq", "final_log10fq", "final_privleak", "n_checkpoints")
 RS_FS_PLOT = "rs_fs.png"
@@ -142,9 +144,9 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
+def write_csv(path: Path, records: Sequence[dict[str, Any]], fields: Sequence[str] = CSV_FIELDS) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
 
@@ -392,6 +394,103 @@ def cmd_injection(args: argparse.Namespace) -> None:
         raise SystemExit(f"injection failed: {'; '.join(failures)}; comparing regions of {model} would mean nothing")
 
 
+SWEEP_SELECT = ("aues", "mu95")
+SWEEP_CSV_FIELDS = ("method", "lr", "hyper_param", "epochs", "seeds", "aues", "aues_std", "mu95", "mu95_std",
+                    "diverged", "chosen")
+# A setting's runs must have been scored alike, against one theta_o and one retain model, to be ranked together.
+SWEEP_SHARED = ("aues_method", "mu_threshold", "theta_o", "retain_result")
+
+
+def selection_rule(select: str) -> str:
+    """The rule select_settings applies, in words (printed above the table and stored in sweep.json)."""
+    other = {"aues": "mu95", "mu95": "aues"}[select]
+    return (f"per method, the setting (lr, hyper_param, epochs) with the highest {select} (mean over its seeds); "
+            f"a tie goes to the higher mean {other}, then to fewer epochs, a lower lr, a lower hyper_param; a setting "
+            f"whose loss diverged for any seed is not chosen")
+
+
+def load_sweep(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every sweep.py result (SWEEP_RESULT) under `root`, checked to have been scored alike."""
+    files = sorted(Path(root).rglob(SWEEP_RESULT))
+    if not files:
+        raise ConfigError(f"no {SWEEP_RESULT} under {root}; expected the save_root of a sweep.py run")
+    results = [json.loads(path.read_text()) for path in files]
+    for key in SWEEP_SHARED:
+        values = sorted({str(r[key]) for r in results})
+        if len(values) > 1:
+            raise ConfigError(f"the results under {root} differ in {key} ({', '.join(values)}); one table ranks "
+                              f"settings scored alike: give each {key} its own save_root")
+    return results
+
+
+def select_settings(results: Sequence[dict[str, Any]], select: str = "aues") -> list[dict[str, Any]]:
+    """One row per method and setting (lr, hyper_param, epochs): AUES and MU95 as mean and sample std over its seeds,
+    and `chosen` on the one row per method that selection_rule(select) picks."""
+    if select not in SWEEP_SELECT:
+        raise ConfigError(f"select={select!r}; expected one of {list(SWEEP_SELECT)}")
+    other = {"aues": "mu95", "mu95": "aues"}[select]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        s = r["setting"]
+        groups.setdefault((r["method"], s["lr"], s["hyper_param"], s["epochs"]), []).append(r)
+    rows = []
+    for (method, lr, hyper_param, epochs), runs in groups.items():
+        seeds = sorted(r["setting"]["seed"] for r in runs)
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{method} lr={lr} hyper_param={hyper_param} epochs={epochs} has seeds {seeds}: a seed "
+                              f"repeats ({', '.join(sorted(r['run_dir'] for r in runs))})")
+        diverged = sorted(r["setting"]["seed"] for r in runs if r.get("diverged"))
+        # A setting that diverged for any seed has no mean to rank and is never chosen.
+        scores = {k: (None, None) if diverged else _mean_std([r[k] for r in runs]) for k in ("aues", "mu95")}
+        rows.append({"method": method, "lr": lr, "hyper_param": hyper_param, "epochs": epochs, "seeds": seeds,
+                     "aues": scores["aues"][0], "aues_std": scores["aues"][1], "mu95": scores["mu95"][0],
+                     "mu95_std": scores["mu95"][1], "diverged": diverged, "chosen": False,
+                     "run_dirs": sorted(r["run_dir"] for r in runs)})
+    # Cheapest first (fewer epochs, lower lr and hyper_param), so that max(), which keeps the first of equal
+    # maxima, breaks a tie in the scores the way the rule says.
+    rows.sort(key=lambda r: (r["method"], r["epochs"], r["lr"], r["hyper_param"] is not None, r["hyper_param"] or 0))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        if ranked := [r for r in rows if r["method"] == method and not r["diverged"]]:
+            max(ranked, key=lambda r: (r[select], r[other]))["chosen"] = True
+    return rows
+
+
+def write_sweep_table(root: str | os.PathLike, select: str, out: str | os.PathLike) -> str:
+    """Score table of a sweep: OUT/sweep.md, sweep.csv and sweep.json; returns the markdown."""
+    results = load_sweep(root)
+    rows = select_settings(results, select)
+    shared = {key: results[0][key] for key in SWEEP_SHARED}
+    chosen = [r for r in rows if r["chosen"]]
+
+    header = ["method", "lr", "hyper_param", "epochs", "seeds", "AUES", "MU95"]
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        scores = ([f"diverged (seed {' '.join(map(str, r['diverged']))})", "—"] if r["diverged"] else
+                  [_pm(r["aues"], r["aues_std"]), _pm(r["mu95"], r["mu95_std"])])
+        return [r["method"], str(r["lr"]), str(r["hyper_param"]), str(r["epochs"]), " ".join(map(str, r["seeds"])),
+                *scores]
+
+    markdown = "\n\n".join([
+        f"Selection rule (select={select}): {selection_rule(select)}. AUES ({shared['aues_method']}) and MU95 "
+        f"(MU ≥ {shared['mu_threshold']:g} × MU(θ_o)): mean ± sample std over seeds.",
+        "Chosen setting per method:", _markdown(header, [cells(r) for r in chosen]),
+        "Every setting:", _markdown([*header, "chosen"], [[*cells(r), "yes" if r["chosen"] else ""] for r in rows])])
+    out = Path(out)
+    with atomic_path(out / f"{SWEEP_TABLE}.md") as tmp:
+        tmp.write_text(markdown + "\n")
+    write_csv(out / f"{SWEEP_TABLE}.csv", [{**r, **{k: " ".join(map(str, r[k])) for k in ("seeds", "diverged")}}
+                                           for r in rows], SWEEP_CSV_FIELDS)
+    write_json(out / f"{SWEEP_TABLE}.json", {"select": select, "rule": selection_rule(select), **shared,
+                                             "chosen": {r["method"]: r for r in chosen}, "settings": rows})
+    return markdown
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    out = Path(args.out or args.root)
+    print(write_sweep_table(args.root, args.select, out))
+    print(f"\nwrote {', '.join(str(out / f'{SWEEP_TABLE}.{ext}') for ext in ('md', 'csv', 'json'))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -399,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     split = argparse.ArgumentParser(add_help=False)
     split.add_argument("--forget-split", default="forget10", help="the evaluations to read (default: forget10)")
     scoring = argparse.ArgumentParser(add_help=False, parents=[split])
-    scoring.add_argument("--aues", choices=("front", "trapezoid"), default="front",
+    scoring.add_argument("--aues", choices=AUES_METHODS, default="front",
                          help="AUES variant (docs/metrics.md; default: front)")
     scoring.add_argument("--mu-threshold", type=float, default=0.95,
                          help="MU95 keeps models with MU >= this x MU(theta_o) (default: 0.95)")
@@ -465,6 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the Retain Strength theta_o may lose against theta_r (default: 0.05)")
     injection.add_argument("--out", metavar="FILE.json", help="also write the table's numbers here")
     injection.set_defaults(func=cmd_injection)
+
+    sweep = commands.add_parser(
+        "sweep", help="the table of a sweep.py grid: every setting's AUES and MU95, the chosen one per method",
+        description=f"Read every {SWEEP_RESULT} under SWEEP_ROOT (sweep.py's save_root) and write OUT/"
+                    f"{SWEEP_TABLE}.md, .csv and .json: per method (forget_loss, and the mask when there is one) each "
+                    "setting's AUES and MU95, mean ± sample std over its seeds, and the setting the selection rule "
+                    "chooses. sweep.py runs it at the end of every (multi)run.",
+        epilog="example: aggregate.py sweep sweeps/npo_grid --select mu95 --out results/npo_grid")
+    sweep.add_argument("root", metavar="SWEEP_ROOT", help="the sweep's save_root")
+    sweep.add_argument("--select", choices=SWEEP_SELECT, default="aues",
+                       help="the score the chosen setting maximises, mean over seeds (default: aues)")
+    sweep.add_argument("--out", metavar="DIR", help="output directory (default: SWEEP_ROOT)")
+    sweep.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -32,6 +32,8 @@ STATE_FILE = "trainer_state.pt"  # optimizer state and trainable fp32 masters, i
 RUN_CONFIG = "run_config.json"  # the resolved unlearn.py config
 TENSORBOARD_DIR = "tensorboard"  # report_to=tensorboard: the training scalars' event files, in the run directory
 EVAL_DIR = "eval_results"
+SWEEP_RESULT = "sweep_result.json"  # sweep.py: one setting's scores, in its run directory
+SWEEP_TABLE = "sweep"  # aggregate.py sweep: sweep.md, sweep.csv and sweep.json
 EVAL_RESULT_RE = re.compile(r"eval_.*\.json")
 
 
@@ -50,6 +52,15 @@ def run_dir(c: Mapping[str, Any], world_size: int) -> Path:
     if c["save_root"] is None and c["model_path"] and CHECKPOINT_RE.match(Path(c["model_path"]).name):
         return Path(c["model_path"]) / leaf
     return Path(c["save_root"] or ".", c["model_family"], "TOFU", "default") / leaf
+
+
+def sweep_run_dir(save_root: str | os.PathLike, c: Mapping[str, Any]) -> Path:
+    """{save_root}/{forget_loss}/masked_{False|<mask file stem>}/lr_{lr}_hp_{hyper_param}_ep_{epochs}_s{seed}: one
+    directory per grid point of a sweep (the resolved unlearn.py config `c`). Unlike run_dir it names hyper_param and
+    seed, the axes a sweep varies that the run directory scheme leaves out."""
+    masked = Path(c["mask_path"]).stem if c["mask_path"] else "False"
+    leaf = f"lr_{c['lr']}_hp_{c['hyper_param']}_ep_{c['epochs']}_s{c['seed']}"
+    return Path(save_root, c["forget_loss"], f"masked_{masked}", leaf)
 
 
 def checkpoint_path(run: str | os.PathLike, step: int) -> Path:

@@ -1,4 +1,4 @@
-"""The typed configs of the three entry points, and the knobs the loss and attribution registries declare.
+"""The typed configs of the entry points, and the knobs the loss and attribution registries declare.
 
 Torch-free (imports no model code), so the config layer can be checked and documented without loading a model.
 
@@ -168,6 +168,23 @@ class EvalConfig(TofuRunConfig):
     retain_result: str | None = MISSING
     output_dir: str | None = MISSING
     overwrite: bool = MISSING
+
+
+@dataclass
+class SweepConfig(TofuRunConfig):
+    model_path: str | None = MISSING
+    mask_path: str | None = MISSING
+    retain_result: str | None = MISSING
+    forget_loss: str = MISSING
+    lr: float | None = MISSING
+    hyper_param: float | None = MISSING
+    epochs: int | None = MISSING
+    unlearn_args: list[str] = MISSING
+    eval_args: list[str] = MISSING
+    aues: str = MISSING
+    mu_threshold: float = MISSING
+    select: str = MISSING
+    save_root: str = MISSING
 
 
 def with_knobs(schema: type, knobs: Sequence[Knob]) -> type:

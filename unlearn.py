@@ -196,7 +196,7 @@ def unlearn(cfg: DictConfig) -> None:
         final = train(model, trainable, dataset, lambda m, b: spec(m, b, ref_model, loss_cfg), settings,
                       checkpointer, device)
     except NonFiniteLoss as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(str(err)) from err  # the cause tells a sweep that the setting diverged
     if is_main():
         log.info("final model: %s", final)
 

@@ -220,6 +220,85 @@ def test_methods_cli_table(tmp_path, capsys):
     assert "| activation | 0.600 ± 0.141 | -4.000 ± 1.414 | 2 |" in capsys.readouterr().out
 
 
+def sweep_result(method: str, lr: float, epochs: int, seed: int, aues: float, mu95: float,
+                 hyper_param: float | None = 0.1, theta_o: str = "/m/theta_o") -> dict:
+    """A sweep.py result with the fields aggregate.py sweep reads."""
+    return {"method": method, "setting": {"lr": lr, "hyper_param": hyper_param, "epochs": epochs, "seed": seed},
+            "aues": aues, "mu95": mu95, "aues_method": "front", "mu_threshold": 0.95, "theta_o": theta_o,
+            "retain_result": "/m/retain.json", "run_dir": f"/s/{method}/lr_{lr}_ep_{epochs}_s{seed}"}
+
+
+# npo: lr 1e-2 has the single best run (AUES .70) but the lower mean (.60); lr 2e-2 the higher mean AUES (.65) and
+# the lower MU95. ga: all AUES tie at .30; MU95 breaks it, and between ga's two settings with equal scores the one
+# with fewer epochs wins although it has the higher lr.
+SWEEP = [sweep_result("npo", 1e-2, 2, 1, aues=0.5, mu95=-2.0), sweep_result("npo", 1e-2, 2, 2, aues=0.7, mu95=-2.0),
+         sweep_result("npo", 2e-2, 2, 1, aues=0.65, mu95=-6.0),
+         sweep_result("ga", 1e-2, 3, 1, aues=0.3, mu95=-4.0), sweep_result("ga", 2e-2, 2, 1, aues=0.3, mu95=-4.0),
+         sweep_result("ga", 3e-2, 1, 1, aues=0.3, mu95=-9.0)]
+
+
+def _chosen(rows: list[dict]) -> dict[str, tuple[float, int]]:
+    return {r["method"]: (r["lr"], r["epochs"]) for r in rows if r["chosen"]}
+
+
+def test_sweep_selects_the_highest_mean_score_per_method_with_the_stated_tie_breaks():
+    rows = A.select_settings(SWEEP, "aues")
+    npo = {r["lr"]: r for r in rows if r["method"] == "npo"}
+    assert (npo[1e-2]["seeds"], npo[1e-2]["aues"], npo[1e-2]["aues_std"]) == ([1, 2], pytest.approx(0.6),
+                                                                              pytest.approx(sqrt(0.02)))
+    assert _chosen(rows) == {"npo": (2e-2, 2), "ga": (2e-2, 2)}
+    # Under mu95 npo's lr 1e-2 (MU95 -2 against -6) wins; ga's AUES .3 is again equal, so fewer epochs decide.
+    assert _chosen(A.select_settings(SWEEP, "mu95")) == {"npo": (1e-2, 2), "ga": (2e-2, 2)}
+    # Order of the results does not matter.
+    assert _chosen(A.select_settings(SWEEP[::-1], "aues")) == {"npo": (2e-2, 2), "ga": (2e-2, 2)}
+    assert "the highest aues (mean over its seeds)" in A.selection_rule("aues")
+
+
+def test_sweep_refuses_a_repeated_seed_and_an_unknown_rule():
+    with pytest.raises(ConfigError, match=r"npo lr=0.01 hyper_param=0.1 epochs=2 has seeds \[1, 1\]: a seed repeats"):
+        A.select_settings([SWEEP[0], SWEEP[0]])
+    with pytest.raises(ConfigError, match=r"select='best'; expected one of \['aues', 'mu95'\]"):
+        A.select_settings(SWEEP, "best")
+
+
+def test_a_setting_that_diverged_for_any_seed_is_shown_but_not_chosen():
+    diverged = {**sweep_result("npo", 2e-2, 2, 2, aues=None, mu95=None), "diverged": "loss became nan at step 3"}
+    rows = A.select_settings([*SWEEP, diverged], "aues")
+    npo = {r["lr"]: r for r in rows if r["method"] == "npo"}
+    assert (npo[2e-2]["diverged"], npo[2e-2]["aues"], npo[2e-2]["seeds"]) == ([2], None, [1, 2])
+    assert _chosen(rows)["npo"] == (1e-2, 2)  # the better mean AUES (.65) belongs to a setting that diverged once
+    alone = A.select_settings([diverged], "aues")
+    assert not alone[0]["chosen"]
+
+
+def _write_sweep(root: Path, results: list[dict]) -> None:
+    for i, result in enumerate(results):
+        path = root / f"run{i}" / "sweep_result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(result))
+
+
+def test_sweep_cli_writes_the_table(tmp_path, capsys):
+    _write_sweep(tmp_path / "sweep", SWEEP)
+    A.main(["sweep", str(tmp_path / "sweep"), "--out", str(tmp_path / "out")])
+    table = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert table["select"] == "aues" and {m: r["lr"] for m, r in table["chosen"].items()} == {"npo": 2e-2, "ga": 2e-2}
+    with open(tmp_path / "out" / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and [r for r in rows if r["chosen"] == "True" and r["method"] == "npo"][0]["lr"] == "0.02"
+    out = capsys.readouterr().out
+    assert "| npo | 0.01 | 0.1 | 2 | 1 2 | 0.600 ± 0.141 | -2.000 ± 0.000 |  |" in out
+    assert (tmp_path / "out" / "sweep.md").read_text().startswith("Selection rule (select=aues)")
+
+
+def test_sweep_refuses_results_scored_against_different_models(tmp_path):
+    _write_sweep(tmp_path, [SWEEP[0], sweep_result("npo", 1e-2, 2, 2, 0.5, -2.0, theta_o="/other")])
+    with pytest.raises(ConfigError, match="differ in theta_o"):
+        A.load_sweep(tmp_path)
+    with pytest.raises(ConfigError, match="no sweep_result.json under"):
+        A.load_sweep(tmp_path / "empty")
+
+
 def _injection(tmp_path: Path, theta_r: tuple[float, float], theta_os: list[tuple[int, float, float]],
                *options: str) -> list[str]:
     """theta_r's and each seed's theta_o's (FS, RS) written as eval JSONs; the `injection` arguments."""

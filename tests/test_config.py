@@ -10,13 +10,14 @@ from omegaconf import OmegaConf
 
 import eval_tofu
 import generate_mask
+import sweep
 import unlearn
 from dataloader import LOSSES, get_loss
 from mask_generator import ATTRIBUTION_KNOBS, compute_scores
 from schema import Knob, attribution_table, loss_table, one_line_errors, schema_keys, with_family_defaults
 
 ENTRIES = {"unlearn.py": ("forget_tofu", unlearn.SCHEMA), "generate_mask.py": ("get_mask_tofu", generate_mask.SCHEMA),
-           "eval_tofu.py": ("eval_tofu", eval_tofu.EvalConfig)}
+           "eval_tofu.py": ("eval_tofu", eval_tofu.EvalConfig), "sweep.py": ("sweep_tofu", sweep.SCHEMA)}
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -85,7 +86,7 @@ def test_hydra_errors_are_one_line(capsys, override, line):
 
 
 @pytest.mark.parametrize("entry, args", [("unlearn.py", ("lr=abc",)), ("generate_mask.py", ("ratioo=1",)),
-                                         ("eval_tofu.py", ("+ratioo=1",))])
+                                         ("eval_tofu.py", ("+ratioo=1",)), ("sweep.py", ("-m", "lr=abc"))])
 def test_entry_point_refuses_a_misspelt_key_in_one_line(run_script, tmp_path, entry, args):
     """The subprocess contract, once per entry point (the cases are in-process in tests/test_hardening.py): Hydra's
     multi-line report becomes one line, status 2, nothing written."""

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("trainer", "evaluator"),
     ("mask_generator", "pretraining"),
     ("unlearn", "generate_mask", "eval_tofu", "aggregate"),
+    ("sweep",),
 ]
 
 

@@ -57,6 +57,13 @@ def test_a_save_root_the_user_set_is_honoured_for_a_checkpoint_model_path(tmp_pa
     assert layout.run_dir({**c, "output_dir": str(tmp_path / "o"), "save_root": None}, 2) == tmp_path / "o"
 
 
+def test_a_sweep_names_every_axis_it_varies():
+    c = {"forget_loss": "npo", "mask_path": "/m/x_mask_normal_0.1_s1.pt", "lr": 1e-05, "hyper_param": 0.1,
+         "epochs": 5, "seed": 3}
+    assert layout.sweep_run_dir("/s", c) == Path("/s/npo/masked_x_mask_normal_0.1_s1/lr_1e-05_hp_0.1_ep_5_s3")
+    assert layout.sweep_run_dir("s", {**c, "mask_path": None}).parts[-2] == "masked_False"
+
+
 def test_checkpoints_final_and_resumable(tmp_path):
     run = tmp_path / "run"
     assert layout.checkpoints(run) == [] and layout.final_checkpoint(run) is None
