@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_entry
 
 import pretraining
-from conftest import run_entry
 from models import family_config, resolve_model_path
 from tofu import load_tofu
 
