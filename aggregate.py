@@ -3,7 +3,8 @@ checkpoints in step order), trade-off plots, and seed-paired comparisons of grou
 
     python aggregate.py runs --theta-o MODEL_DIR --retain-eval RETAIN.json --out OUT RUN_DIR [RUN_DIR ...]
     python aggregate.py compare --group oracle OUT_A/runs.json --group random OUT_B/runs.json --out cmp.json
-    python aggregate.py methods --group activation A/runs.json --group wagle W/runs.json --group random R/runs.json
+    python aggregate.py methods --group activation A/runs.json --group wagle W/runs.json --group random R/runs.json \
+        --baseline random
     python aggregate.py injection --theta-r THETA_R_DIR --out injection.json THETA_O_DIR [THETA_O_DIR ...]
     python aggregate.py sweep --select aues SWEEP_ROOT    # the table of a sweep.py grid, the chosen setting per method
 """
@@ -25,6 +26,7 @@ from layout import RUN_CONFIG, SWEEP_RESULT, SWEEP_TABLE, checkpoints, eval_path
 
 THETA_O = "theta_o"
 AUES_METHODS = ("front", "trapezoid")  # metrics.aues's `method`
+SCORES = ("aues", "mu95")  # a run's trade-off scores (score_run), each summarised over seeds
 CSV_FIELDS = ("name", "run_dir", "seed", "aues", "mu95", "chosen_checkpoint", "final_fs", "final_rs", "final_mu",
               "final_fq", "final_log10fq", "final_privleak", "n_checkpoints")
 RS_FS_PLOT = "rs_fs.png"
@@ -140,8 +142,11 @@ def _fmt(value: float | None) -> str:
 
 
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    def line(cells: Sequence[str]) -> str:
+        # A pipe inside a cell (the |Δ| columns) would end the cell: escaped, it renders as a pipe.
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
 
 
 def write_csv(path: Path, records: Sequence[dict[str, Any]], fields: Sequence[str] = CSV_FIELDS) -> None:
@@ -301,18 +306,27 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
+def compare_paired(a: list[dict[str, Any]], b: list[dict[str, Any]], by_position: bool
+                   ) -> tuple[str, list[tuple[Any, dict[str, Any], dict[str, Any]]], dict[str, dict[str, float]]]:
+    """pair_runs(a, b), then metrics.compare_groups of a against b for each score: (pairing, pairs, {score: stats})."""
+    pairing, pairs = pair_runs(a, b, by_position)
+    stats = {key: M.compare_groups([ra[key] for _, ra, _ in pairs], [rb[key] for _, _, rb in pairs])
+             for key in SCORES}
+    return pairing, pairs, stats
+
+
+def _pairs_json(pairs: list[tuple[Any, dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [{"pair": key, "a": ra["run_dir"], "b": rb["run_dir"]} for key, ra, rb in pairs]
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     groups = load_groups(args)
     if len(groups) != 2:
         raise ConfigError(f"compare takes exactly two --group options, got {len(groups)}")
     (name_a, a), (name_b, b) = groups.items()
-    pairing, pairs = pair_runs(a, b, args.pairing == "position")
-    stats = {key: M.compare_groups([ra[key] for _, ra, _ in pairs], [rb[key] for _, _, rb in pairs])
-             for key in ("aues", "mu95")}
+    pairing, pairs, stats = compare_paired(a, b, args.pairing == "position")
     result = {"groups": [name_a, name_b], "pairing": pairing, "aues_method": a[0]["aues_method"],
-              "mu_threshold": a[0]["mu_threshold"],
-              "pairs": [{"pair": key, "a": ra["run_dir"], "b": rb["run_dir"]} for key, ra, rb in pairs],
-              **stats}
+              "mu_threshold": a[0]["mu_threshold"], "pairs": _pairs_json(pairs), **stats}
     print(_markdown(["", name_a, name_b, "|Δ|", "p"],
                     [[label, _pm(s["mean_a"], s["std_a"]), _pm(s["mean_b"], s["std_b"]),
                       _pm(s["abs_delta_mean"], s["abs_delta_std"]), f"{s['p_value']:.3f}"]
@@ -329,15 +343,36 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
+    groups = load_groups(args)
+    if args.baseline is not None and args.baseline not in groups:
+        raise ConfigError(f"--baseline {args.baseline} is none of the groups ({', '.join(groups)})")
     result = {}
-    for name, runs in load_groups(args).items():
+    for name, runs in groups.items():
         aues_mean, aues_std = _mean_std([r["aues"] for r in runs])
         mu95_mean, mu95_std = _mean_std([r["mu95"] for r in runs])
         result[name] = {"n": len(runs), "aues_mean": aues_mean, "aues_std": aues_std, "mu95_mean": mu95_mean,
                         "mu95_std": mu95_std, "run_dirs": [r["run_dir"] for r in runs]}
-    print(_markdown(["method", "AUES", "MU95", "n"],
-                    [[name, _pm(g["aues_mean"], g["aues_std"]), _pm(g["mu95_mean"], g["mu95_std"]), str(g["n"])]
-                     for name, g in result.items()]))
+        if args.baseline is not None and name != args.baseline:
+            # The group is `a` and the baseline `b` of compare_groups, paired as `compare` pairs them.
+            pairing, pairs, stats = compare_paired(runs, groups[args.baseline], args.pairing == "position")
+            result[name]["vs_baseline"] = {"baseline": args.baseline, "pairing": pairing,
+                                           "pairs": _pairs_json(pairs), **stats}
+    header = ["method", "AUES", "MU95", "n"]
+    if args.baseline is not None:
+        header += [f"AUES |Δ| vs {args.baseline}", "AUES p", f"MU95 |Δ| vs {args.baseline}", "MU95 p"]
+    rows = []
+    for name, g in result.items():
+        row = [name, _pm(g["aues_mean"], g["aues_std"]), _pm(g["mu95_mean"], g["mu95_std"]), str(g["n"])]
+        if args.baseline is not None:
+            vs = g.get("vs_baseline")
+            row += ["—"] * 4 if vs is None else [
+                cell for key in SCORES
+                for cell in (_pm(vs[key]["abs_delta_mean"], vs[key]["abs_delta_std"]), f"{vs[key]['p_value']:.3f}")]
+        rows.append(row)
+    print(_markdown(header, rows))
+    if pairings := {g["vs_baseline"]["pairing"] for g in result.values() if "vs_baseline" in g}:
+        print(f"\n|Δ|, p: each method's runs paired with {args.baseline}'s by {' and '.join(sorted(pairings))}; "
+              "p: exact paired permutation test")
     if args.out:
         write_json(args.out, result)
 
@@ -441,7 +476,7 @@ def select_settings(results: Sequence[dict[str, Any]], select: str = "aues") -> 
                               f"repeats ({', '.join(sorted(r['run_dir'] for r in runs))})")
         diverged = sorted(r["setting"]["seed"] for r in runs if r.get("diverged"))
         # A setting that diverged for any seed has no mean to rank and is never chosen.
-        scores = {k: (None, None) if diverged else _mean_std([r[k] for r in runs]) for k in ("aues", "mu95")}
+        scores = {k: (None, None) if diverged else _mean_std([r[k] for r in runs]) for k in SCORES}
         rows.append({"method": method, "lr": lr, "hyper_param": hyper_param, "epochs": epochs, "seeds": seeds,
                      "aues": scores["aues"][0], "aues_std": scores["aues"][1], "mu95": scores["mu95"][0],
                      "mu95_std": scores["mu95"][1], "diverged": diverged, "chosen": False,
@@ -535,17 +570,21 @@ def build_parser() -> argparse.ArgumentParser:
                "--out cmp.json")
     methods = commands.add_parser(
         "methods", parents=[scoring],
-        help="AUES and MU95 (mean ± std over runs) per group",
-        description="One row per group (e.g. an attribution method): AUES and MU95, mean ± sample std over its runs.",
+        help="AUES and MU95 (mean ± std over runs) per group; with --baseline, each group's |Δ| and p against it",
+        description="One row per group (e.g. an attribution method): AUES and MU95, mean ± sample std over its runs. "
+                    "With --baseline NAME, also every other group's |Δ| (mean ± std over pairs) and exact paired "
+                    "permutation p against group NAME, for AUES and for MU95, the runs paired as `compare` pairs "
+                    "them.",
         epilog="example: aggregate.py methods --group activation results/act --group memflex results/mf "
-               "--group wagle results/wagle --group random results/random --out methods.json")
+               "--group wagle results/wagle --group random results/random --baseline random --out methods.json")
     for sub, func in ((compare, cmd_compare), (methods, cmd_methods)):
         sub.add_argument("--group", action="append", nargs="+", required=True, metavar="NAME_OR_PATH", help=group_help)
         sub.add_argument("--theta-o", metavar="DIR", help="theta_o, for groups given as run directories")
         sub.add_argument("--out", metavar="FILE.json", help="also write the table's numbers here")
-        sub.set_defaults(func=func)
-    compare.add_argument("--pairing", choices=("auto", "position"), default="auto",
+        sub.add_argument("--pairing", choices=("auto", "position"), default="auto",
                          help="auto: by seed when every run has one, else by position (default: auto)")
+        sub.set_defaults(func=func)
+    methods.add_argument("--baseline", metavar="NAME", help="the group the others are compared with (e.g. random)")
 
     injection = commands.add_parser(
         "injection", help="theta_o's Forget/Retain Strength against theta_r's (did the injection work?)",

@@ -6,9 +6,12 @@
 #     table, which stops the study when an injection failed (aggregate.py injection: Forget Strength down by
 #     >= 0.5, Retain Strength down by <= 0.05) -> per seed V_rdm, as many vectors drawn outside V_tgt -> each loss
 #     unlearns theta_o on V_tgt (oracle) and on V_rdm (random) -> eval.sh -> oracle-vs-random tables over seeds.
-#  methods: theta_f (fine-tuned on full) -> a mask per attribution method -> each loss unlearns theta_f on it
-#     -> eval.sh -> AUES/MU95 table per method.
+#  methods: theta_f (fine-tuned on full) -> per seed a mask per attribution method, and the Jaccard table of the
+#     seed's masks -> each loss unlearns theta_f on each mask -> eval.sh -> per loss the table of AUES/MU95 per
+#     method, with each method's paired |delta| and permutation p against random_down when it is among METHODS.
 # Every setting below can be overridden from the environment, e.g. SEEDS="1 2" LOSSES=npo scripts/controlled.sh
+# Each loss unlearns with UNLEARN_ARGS followed by UNLEARN_ARGS_<loss> (e.g. UNLEARN_ARGS_rmu_1), which are unset by
+# default: its tuned setting from a sweep, e.g. UNLEARN_ARGS_npo="lr=5e-3 epochs=4" (a later key=value wins).
 # Artifact names (final checkpoints, mask files) come from layout.py; this script only orchestrates.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,7 +28,7 @@ PARTS=${PARTS:-"controlled methods"}
 RATIO=${RATIO:-0.1}
 FT_ARGS=${FT_ARGS:-}                       # extra unlearn.py overrides for the two fine-tunes (e.g. epochs=3)
 INJECT_ARGS=${INJECT_ARGS:-"forget_loss=learn_reg epochs=10"}
-UNLEARN_ARGS=${UNLEARN_ARGS:-"epochs=5 lr=1e-3 lr_scheduler=constant"}
+UNLEARN_ARGS=${UNLEARN_ARGS:-"epochs=5 lr=1e-3 lr_scheduler=constant"}  # every loss; UNLEARN_ARGS_<loss> after it
 MASK_ARGS=${MASK_ARGS:-}
 EVAL_ARGS=${EVAL_ARGS:-}
 INJECTION_ARGS=${INJECTION_ARGS:-}         # extra `aggregate.py injection` options, e.g. "--min-fs-drop 0.3"
@@ -53,15 +56,20 @@ mask_file() {  # mask_root attribution variant seed -> the path generate_mask.py
 group_args() {  # name pattern -> "--group name" and the pattern with SEED replaced by each seed
   echo "--group $1"; for seed in $SEEDS; do echo "${2//SEED/$seed}"; done
 }
-table() {  # aggregate.py mode, title, JSON output, arguments: print the table, append it to $tables; aggregate's status
-  local mode=$1 title=$2 out=$3; shift 3
-  printf '### %s (seeds: %s)\n\n' "$title" "$SEEDS" | tee -a "$tables"
-  "$PYTHON" aggregate.py "$mode" "$@" --out "$out" | tee -a "$tables" || return  # explicit: also under `||`
+section() {  # title, command: print the command's output under the title, append both to $tables; its status
+  printf '### %s\n\n' "$1" | tee -a "$tables"; shift
+  "$@" | tee -a "$tables" || return  # explicit: also under `||`
   echo | tee -a "$tables"
 }
+table() {  # aggregate.py mode, title, JSON output, arguments: the table over $SEEDS as a section
+  local mode=$1 title=$2 out=$3; shift 3
+  section "$title (seeds: $SEEDS)" "$PYTHON" aggregate.py "$mode" "$@" --out "$out"
+}
 unlearn_and_evaluate() {  # start_model mask seed loss dir: unlearn into dir/run, trade-off scores into dir/agg
+  local loss_var="UNLEARN_ARGS_$4" loss_args
+  read -r -a loss_args <<< "${!loss_var:-}"
   run unlearn.py "${common[@]}" model_path="$1" forget_split="$FORGET_SPLIT" retain_split="$RETAIN_SPLIT" \
-    forget_loss="$4" mask_path="$2" seed="$3" output_dir="$5/run" "${unlearn_args[@]}"
+    forget_loss="$4" mask_path="$2" seed="$3" output_dir="$5/run" "${unlearn_args[@]}" "${loss_args[@]}"
   scripts/eval.sh --theta-o "$1" --retain-model "$THETA_R" --model-family "$MODEL_FAMILY" --data-path "$DATA_PATH" \
     --forget-split "$FORGET_SPLIT" --nproc "$NPROC" --out "$5/agg" "$5/run" > "$5/agg.log"
 }
@@ -126,21 +134,32 @@ if [[ " $PARTS " == *" methods "* ]]; then
   run unlearn.py "${common[@]}" forget_loss=learn forget_split=full output_dir="$OUT/theta_f" save_checkpoint=false \
     "${ft_args[@]}"
   theta_f=$(final "$OUT/theta_f")
+  # Every mask before any unlearning: the overlap tables come out early and cost no training.
   for seed in $SEEDS; do
+    masks=()
     for method in $METHODS; do
       echo "== seed $seed: $method mask"
       run generate_mask.py "${common[@]}" model_path="$theta_f" attribution="$method" ratio="$RATIO" seed="$seed" \
         forget_split="$FORGET_SPLIT" mask_root="$OUT/masks_f" "${mask_args[@]}"
+      masks+=("$(mask_file "$OUT/masks_f" "$method" normal "$seed")")
+    done
+    section "Jaccard overlap of the methods' masks, seed $seed" \
+      "$PYTHON" masks.py compare "${masks[@]}" --out "$OUT/methods/jaccard_seed$seed"
+  done
+  for seed in $SEEDS; do
+    for method in $METHODS; do
       mask=$(mask_file "$OUT/masks_f" "$method" normal "$seed")
       for loss in $LOSSES; do
         unlearn_and_evaluate "$theta_f" "$mask" "$seed" "$loss" "$OUT/methods/seed$seed/$method/$loss"
       done
     done
   done
+  baseline=()
+  [[ " $METHODS " == *" random_down "* ]] && baseline=(--baseline random_down)
   for loss in $LOSSES; do
     groups=()
     for method in $METHODS; do groups+=($(group_args "$method" "$OUT/methods/seedSEED/$method/$loss/agg")); done
-    table methods "Attribution methods, $loss" "$OUT/methods/methods_$loss.json" "${groups[@]}"
+    table methods "Attribution methods, $loss" "$OUT/methods/methods_$loss.json" "${groups[@]}" "${baseline[@]}"
   done
 fi
 echo "tables: $tables; per-run plots: $OUT/*/seed*/*/*/agg/*.png (and .../agg/runs.json, runs.csv)"

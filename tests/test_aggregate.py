@@ -220,6 +220,48 @@ def test_methods_cli_table(tmp_path, capsys):
     assert "| activation | 0.600 ± 0.141 | -4.000 ± 1.414 | 2 |" in capsys.readouterr().out
 
 
+def test_methods_cli_compares_every_group_with_the_baseline_paired_by_seed(tmp_path, capsys):
+    # random, the baseline, given in seed order 3, 1, 2: by seed it is AUES .4, .4, .5 and MU95 -5, -6, -7.
+    write_runs_json(tmp_path / "rnd.json", [(3, 0.5, -7.0), (1, 0.4, -5.0), (2, 0.4, -6.0)])
+    write_runs_json(tmp_path / "act.json", [(1, 0.5, -5.0), (2, 0.6, -4.0), (3, 0.7, -3.0)])
+    # wagle in seed order 2, 3, 1; its MU95 equals random's seed by seed (paired by position it would not).
+    write_runs_json(tmp_path / "wagle.json", [(2, 0.5, -6.0), (3, 0.7, -7.0), (1, 0.3, -5.0)])
+    out = tmp_path / "m.json"
+    A.main(["methods", "--group", "random", str(tmp_path / "rnd.json"), "--group", "activation",
+            str(tmp_path / "act.json"), "--group", "wagle", str(tmp_path / "wagle.json"), "--baseline", "random",
+            "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert "vs_baseline" not in result["random"]
+    act, wagle = result["activation"]["vs_baseline"], result["wagle"]["vs_baseline"]
+    assert (act["baseline"], act["pairing"], [p["pair"] for p in act["pairs"]]) == ("random", "seed", [1, 2, 3])
+    # activation - random: AUES d = .1, .2, .2 (|Δ| mean 1/6, std sqrt(1/300)); all positive, so only the observed
+    # signs and their flip reach |mean d|: p = 2/8. MU95 d = 0, 2, 4 (|Δ| 2 ± 2); ±2±4 reach |sum| 6 in half: p = .5.
+    assert (act["aues"]["abs_delta_mean"], act["aues"]["abs_delta_std"]) == pytest.approx((1 / 6, sqrt(1 / 300)))
+    assert act["aues"]["p_value"] == pytest.approx(0.25)
+    assert (act["mu95"]["abs_delta_mean"], act["mu95"]["abs_delta_std"], act["mu95"]["p_value"]) == pytest.approx(
+        (2, 2, 0.5))
+    # wagle - random: AUES d = -.1, .1, .2 (|Δ| .1, .1, .2: mean 2/15, std sqrt(1/300)); sign sums ±.1±.1±.2 reach
+    # |.2| in 6 of 8: p = .75. MU95 d = 0, 0, 0: |Δ| 0 ± 0, and every assignment ties: p = 1.
+    assert (wagle["aues"]["abs_delta_mean"], wagle["aues"]["abs_delta_std"]) == pytest.approx((2 / 15, sqrt(1 / 300)))
+    assert wagle["aues"]["p_value"] == pytest.approx(0.75)
+    assert (wagle["mu95"]["abs_delta_mean"], wagle["mu95"]["abs_delta_std"], wagle["mu95"]["p_value"]) == (0, 0, 1)
+    table = capsys.readouterr().out
+    # The pipes of |Δ| escaped, so that the header renders as eight cells.
+    assert r"| method | AUES | MU95 | n | AUES \|Δ\| vs random | AUES p | MU95 \|Δ\| vs random | MU95 p |" in table
+    assert "| random | 0.433 ± 0.058 | -6.000 ± 1.000 | 3 | — | — | — | — |" in table
+    assert "| activation | 0.600 ± 0.100 | -4.000 ± 1.000 | 3 | 0.167 ± 0.058 | 0.250 | 2.000 ± 2.000 | 0.500 |" \
+        in table
+    assert "| wagle | 0.500 ± 0.200 | -6.000 ± 1.000 | 3 | 0.133 ± 0.058 | 0.750 | 0.000 ± 0.000 | 1.000 |" in table
+    assert "paired with random's by seed" in table
+
+    with pytest.raises(ConfigError, match="--baseline rnd is none of the groups"):
+        A.main(["methods", "--group", "random", str(tmp_path / "rnd.json"), "--baseline", "rnd"])
+    write_runs_json(tmp_path / "other.json", [(1, 0.5, -5.0), (2, 0.6, -4.0), (4, 0.7, -3.0)])
+    with pytest.raises(ConfigError, match="seeds differ"):
+        A.main(["methods", "--group", "random", str(tmp_path / "rnd.json"), "--group", "other",
+                str(tmp_path / "other.json"), "--baseline", "random"])
+
+
 def sweep_result(method: str, lr: float, epochs: int, seed: int, aues: float, mu95: float,
                  hyper_param: float | None = 0.1, theta_o: str = "/m/theta_o") -> dict:
     """A sweep.py result with the fields aggregate.py sweep reads."""
