@@ -224,7 +224,8 @@ def localization_check(model: torch.nn.Module, masks: dict[str, Sequence[torch.T
 
     Returns {"baseline": {"forget", "retain"}, "masks": {name: {"forget", "retain": ΔNLL, "random": [{"seed",
     "forget", "retain"}], "random_forget_mean"/"_std", "random_retain_mean"/"_std", "forget_over_retain",
-    "forget_over_random", "localized"}}}; "localized" is the verdict (both inequalities hold)."""
+    "random_forget_over_retain", "forget_over_random", "localized"}}}; "localized" is the verdict (both
+    inequalities hold)."""
     if not seeds:
         raise ValueError("localization_check needs at least one seed for the random masks")
     sets = {"forget": forget, "retain": retain}
@@ -240,6 +241,9 @@ def localization_check(model: torch.nn.Module, masks: dict[str, Sequence[torch.T
         results[name] = {
             **delta, "random": random, **stats,
             "forget_over_retain": _ratio(delta["forget"], delta["retain"]),
+            # The same ratio for the random masks: above 1 when the forget set is just the more fragile one, so a
+            # mask is more forget-specific than chance only when its own ratio exceeds this.
+            "random_forget_over_retain": _ratio(stats["random_forget_mean"], stats["random_retain_mean"]),
             "forget_over_random": _ratio(delta["forget"], stats["random_forget_mean"]),
             "localized": bool(delta["forget"] > delta["retain"] and delta["forget"] > stats["random_forget_mean"]),
         }

@@ -8,8 +8,10 @@ Per mask (evaluator.localization_check): ΔNLL = mean NLL per answer token with 
 minus the unablated model's, on the forget split and on the retain split (its complement; `--retain_subset`
 examples drawn with `--retain_seed`, all of them when 0), and the same for `--seeds` random masks with the mask's
 size in every layer (masks.random_like, seeds 0..N-1). The verdict holds when the mask's forget ΔNLL exceeds both
-its retain ΔNLL and the random masks' mean forget ΔNLL. Prints a markdown table; `--out` writes the numbers and
-the command as JSON.
+its retain ΔNLL and the random masks' mean forget ΔNLL. The random masks' forget / retain ratio is printed beside
+the mask's: where the forget set is simply the more fragile one, random masks too raise its NLL more, and only a
+mask whose ratio exceeds theirs is more forget-specific than chance. Prints a markdown table; `--out` writes the
+numbers and the command as JSON.
 """
 from __future__ import annotations
 
@@ -74,14 +76,14 @@ def verdict(row: dict[str, Any]) -> str:
 
 def table(result: dict[str, Any], sizes: dict[str, int]) -> str:
     lines = ["| mask | n | ΔNLL forget | ΔNLL retain | forget / retain | random ΔNLL forget | random ΔNLL retain | "
-             "forget / random | forget > retain and > random |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "random forget / retain | forget / random | forget > retain and > random |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, row in result["masks"].items():
         lines.append(
             f"| {name} | {sizes[name]} | {row['forget']:.4f} | {row['retain']:.4f} | {row['forget_over_retain']:.2f} "
             f"| {row['random_forget_mean']:.4f} ± {row['random_forget_std']:.4f} "
             f"| {row['random_retain_mean']:.4f} ± {row['random_retain_std']:.4f} "
-            f"| {row['forget_over_random']:.2f} | {verdict(row)} |")
+            f"| {row['random_forget_over_retain']:.2f} | {row['forget_over_random']:.2f} | {verdict(row)} |")
     return "\n".join(lines)
 
 

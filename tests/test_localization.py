@@ -140,6 +140,7 @@ def test_localization_check_with_one_value_vector_carrying_the_mlps():
         assert r["forget"] == pytest.approx(full["forget"] if hit else 0.0, abs=1e-5)
     assert row["random_forget_mean"] == pytest.approx(full["forget"] * sum(hits) / len(seeds), abs=1e-5)
     assert row["forget_over_retain"] == pytest.approx(full["forget"] / full["retain"], rel=1e-4)
+    assert row["random_forget_over_retain"] == pytest.approx(full["forget"] / full["retain"], rel=1e-4)
     assert row["localized"] is False  # forget ΔNLL < 0 < retain ΔNLL
     # The sets swapped: forget ΔNLL > 0 > retain ΔNLL, and above the random masks', which hit C on some seeds only.
     swapped = E.localization_check(model, {"m": mask}, retain, forget, seeds, batch_size=3)["masks"]["m"]
