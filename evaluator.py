@@ -24,6 +24,9 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, StaticCache
 
 import metrics as M
 from dataloader import IGNORE_INDEX, answer_logits, encode_qa, pad_batch
+from masking import zeroed_values
+from masks import random_like
+from models import value_vector_shape
 from runtime import is_main, rank, world_size
 
 log = logging.getLogger("loc_unlearn")
@@ -193,6 +196,64 @@ def answer_nll(model: torch.nn.Module, encodings: Sequence[dict[str, list[int]]]
     """Per-sample mean token NLL over the answer tokens (labels != IGNORE_INDEX), and the number of those tokens."""
     scores = score_answers(model, encodings, batch_size)
     return scores.mean_nll, scores.n_tokens
+
+
+def mean_token_nll(model: torch.nn.Module, encodings: Sequence[dict[str, list[int]]], batch_size: int,
+                   desc: str = "scoring") -> float:
+    """NLL per answer token pooled over every answer token of ``encodings`` (a sample weighs by its tokens)."""
+    scores = score_answers(model, encodings, batch_size, desc=desc)
+    return math.fsum(nll * n for nll, n in zip(scores.mean_nll, scores.n_tokens)) / sum(scores.n_tokens)
+
+
+def ablation_nll_increase(model: torch.nn.Module, indices: Sequence[torch.Tensor],
+                          encodings: dict[str, Sequence[dict[str, list[int]]]], baseline: dict[str, float],
+                          batch_size: int) -> dict[str, float]:
+    """Per named set of encodings, how much its mean token NLL rises with the value vectors ``indices`` zeroed
+    (masking.zeroed_values; the model is restored afterwards), over ``baseline``, the unablated model's."""
+    with zeroed_values(model, indices):
+        return {name: mean_token_nll(model, encs, batch_size, desc=f"ablated {name}") - baseline[name]
+                for name, encs in encodings.items()}
+
+
+def localization_check(model: torch.nn.Module, masks: dict[str, Sequence[torch.Tensor]],
+                       forget: Sequence[dict[str, list[int]]], retain: Sequence[dict[str, list[int]]],
+                       seeds: Sequence[int], batch_size: int) -> dict[str, Any]:
+    """The localization sanity check of each mask: zeroing its value vectors should raise the forget set's mean
+    token NLL more than the retain set's, and more than zeroing a random mask of the same size in every layer
+    (masks.random_like) does, on average over ``seeds``.
+
+    Returns {"baseline": {"forget", "retain"}, "masks": {name: {"forget", "retain": ΔNLL, "random": [{"seed",
+    "forget", "retain"}], "random_forget_mean"/"_std", "random_retain_mean"/"_std", "forget_over_retain",
+    "random_forget_over_retain", "forget_over_random", "localized"}}}; "localized" is the verdict (both
+    inequalities hold)."""
+    if not seeds:
+        raise ValueError("localization_check needs at least one seed for the random masks")
+    sets = {"forget": forget, "retain": retain}
+    baseline = {name: mean_token_nll(model, encs, batch_size, desc=f"baseline {name}") for name, encs in sets.items()}
+    d_ff = value_vector_shape(model)[1]
+    results = {}
+    for name, indices in masks.items():
+        delta = ablation_nll_increase(model, indices, sets, baseline, batch_size)
+        random = [{"seed": seed, **ablation_nll_increase(model, random_like(indices, d_ff, seed), sets, baseline,
+                                                         batch_size)} for seed in seeds]
+        stats = {f"random_{part}_{stat}": float(fn([r[part] for r in random]))
+                 for part in sets for stat, fn in (("mean", np.mean), ("std", np.std))}
+        results[name] = {
+            **delta, "random": random, **stats,
+            "forget_over_retain": _ratio(delta["forget"], delta["retain"]),
+            # The same ratio for the random masks: above 1 when the forget set is just the more fragile one, so a
+            # mask is more forget-specific than chance only when its own ratio exceeds this.
+            "random_forget_over_retain": _ratio(stats["random_forget_mean"], stats["random_retain_mean"]),
+            "forget_over_random": _ratio(delta["forget"], stats["random_forget_mean"]),
+            "localized": bool(delta["forget"] > delta["retain"] and delta["forget"] > stats["random_forget_mean"]),
+        }
+    return {"baseline": baseline, "masks": results}
+
+
+def _ratio(a: float, b: float) -> float:
+    # A ratio of NLL increases; a zero or negative denominator has no meaningful ratio (the verdict still reads
+    # the differences).
+    return a / b if b > 0 else math.nan
 
 
 def extraction_strengths(model: torch.nn.Module, encodings: Sequence[dict[str, list[int]]], batch_size: int,

@@ -8,10 +8,14 @@ and nothing outside the mask can move, weight decay included.
 Trainable values (masked values, LoRA adapters) are fp32 master copies whatever the model's dtype: at lr 1e-5 most
 Adam updates to a bf16 weight are smaller than half its ulp and round away, and which values still move would then
 depend on their magnitude. The frozen model stays in its own dtype, and checkpoints are written in it.
+
+`zeroed_values` is the other use of a mask: the selected values set to zero for a block (the localization
+sanity check, evaluator.localization_check), then restored.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +79,34 @@ class MaskedValues:
             handle.remove()
             del down.masked_values, down.mask_index
         self._attached = []
+
+
+@contextlib.contextmanager
+def zeroed_values(model: nn.Module, indices: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The given value vectors (per-layer indices, as in a mask) set to zero inside the block: an ablation.
+
+    Their columns are copied out first and written back on exit, also when the block raises, so the model leaves
+    bit for bit as it came (a copy of the columns, not of the model: the ablation of an 8B model's 10% mask costs
+    a tenth of its value weights, not the model).  A model with a MaskedValues attached is refused: its selected
+    columns are already zero and the hook adds them back, so zeroing them would change nothing.
+    """
+    downs = value_vectors(model)
+    if len(indices) != len(downs):
+        raise ValueError(f"the mask has {len(indices)} layers but the model has {len(downs)}")
+    if any(hasattr(down, MASKED_VALUES) for down in downs):
+        raise ValueError("the model has a value-vector mask attached; remove() it before zeroing values")
+    saved: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for down, idx in zip(downs, indices):
+                idx = idx.to(down.weight.device, torch.long)
+                saved.append((down, idx, down.weight[:, idx].clone()))
+                down.weight[:, idx] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for down, idx, columns in saved:
+                down.weight[:, idx] = columns
 
 
 def masked_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:

@@ -31,9 +31,11 @@ __all__ = [
     "jaccard_markdown",
     "load_mask",
     "make_meta",
+    "mask_names",
     "n_select",
     "plot_layer_distribution",
     "random_complement",
+    "random_like",
     "save_mask",
     "select_top",
 ]
@@ -146,6 +148,16 @@ def random_complement(target: Sequence[torch.Tensor], d_ff: int, n_layers: int, 
     gen = torch.Generator().manual_seed(int(seed))
     chosen = free[torch.randperm(free.numel(), generator=gen)[: int(count)]]
     return _split_flat(chosen, n_layers, d_ff)
+
+
+def random_like(mask: Sequence[torch.Tensor], d_ff: int, seed: int) -> list[torch.Tensor]:
+    """A uniformly random mask with ``mask``'s size in every layer (torch.Generator seeded with ``seed``).
+
+    Per layer, not just in total: layers differ in how much an ablation of their values costs, so a control of
+    the same total size but another layer split would compare layers as well as the selection."""
+    checked = _check_indices(list(mask), "random_like mask", None, d_ff)
+    gen = torch.Generator().manual_seed(int(seed))
+    return [torch.sort(torch.randperm(d_ff, generator=gen)[: t.numel()]).values for t in checked]
 
 
 # --------------------------------------------------------------------------- mask files
@@ -322,7 +334,8 @@ def plot_layer_distribution(named_masks: Mapping[str, Sequence[torch.Tensor]], d
     fig.savefig(png_path, dpi=120)
 
 
-def _mask_names(paths: Sequence[str]) -> list[str]:
+def mask_names(paths: Sequence[str]) -> list[str]:
+    """A display name per mask file: its stem, or its path when two stems are the same."""
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if len(set(stems)) == len(stems):
         return stems
@@ -347,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compare_cli(mask_files: Sequence[str], out_dir: str) -> int:
     loaded, metas = {}, {}
     d_ffs = set()
-    for path, name in zip(mask_files, _mask_names(mask_files)):
+    for path, name in zip(mask_files, mask_names(mask_files)):
         indices, meta = load_mask(path)
         loaded[name], metas[name] = indices, meta
         if meta.get("d_ff") is None:

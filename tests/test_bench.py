@@ -138,3 +138,25 @@ def test_bench_trajectory_prints_the_speed_up_and_agreement(run_script, tiny_pat
     assert re.search(r"^per-sample values: max \|difference\| 0 \(goal <= 1e-06: met\)$", proc.stdout, re.M)
     assert re.search(r"^speed-up one process / one process per model: [\d.]+x \(goal >= 2\.0: (met|NOT met)\)$",
                      proc.stdout, re.M)
+
+
+def test_bench_localization_prints_a_row_per_mask_and_writes_json(run_script, tiny_path, tmp_path):
+    import torch
+
+    from masks import make_meta, save_mask
+
+    paths = []
+    masks = {"first": [torch.arange(10), torch.arange(5)], "last": [torch.arange(500, 512), torch.tensor([0])]}
+    for name, indices in masks.items():
+        paths.append(tmp_path / f"{name}.pt")
+        save_mask(paths[-1], indices, make_meta("test", "normal", 0.01, 0, "tiny", 2, 512, "forget01", "synthetic"))
+    out = tmp_path / "localization.json"
+    proc = run_script("bench/bench_localization.py", "--model_path", str(tiny_path), "--data_path", "synthetic",
+                      "--forget_split", "forget01", "--retain_subset", "8", "--seeds", "2", "--threads", "1",
+                      "--masks", *map(str, paths), "--out", str(out), timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("# ") and "40 forget01 and 8 retain99 examples" in proc.stdout
+    rows = re.findall(r"^\| (first|last) \| (\d+) \|.*\| (yes|no \(.*\)) \|$", proc.stdout, re.M)
+    assert [(name, int(n)) for name, n, _ in rows] == [("first", 15), ("last", 13)]
+    result = json.loads(out.read_text())
+    assert set(result["masks"]) == {"first", "last"} and len(result["masks"]["first"]["random"]) == 2

@@ -253,6 +253,64 @@ def test_memflex_budget_and_threshold_rules(model):
     assert 0 < len(keep) < N_LAYERS * D_FF
 
 
+# The value vectors of a planted model that only the forget set uses (2 of 24 per layer).
+PLANTED = [[2, 17], [5, 11]]
+
+
+def planted_llama():
+    """A Llama whose forget and retain sets run through disjoint value vectors: forget sequences use tokens
+    [0, VOCAB/2) embedded in the first half of the residual dimensions, retain sequences the other tokens embedded
+    in the second half; attention adds nothing (o_proj = 0); the PLANTED neurons read and write the first half only,
+    every other neuron the second half only. So on forget inputs only the PLANTED neurons are nonzero (silu(0) * 0),
+    on retain inputs only the others, and the forget set's knowledge lives in the PLANTED value vectors alone."""
+    model = tiny_llama()
+    half, tokens = D_MODEL // 2, VOCAB // 2
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:tokens, half:] = 0
+        emb[tokens:, :half] = 0
+        for layer, planted in zip(model.model.layers, PLANTED):
+            layer.self_attn.o_proj.weight.zero_()
+            forget_side = torch.zeros(D_FF, dtype=torch.bool)
+            forget_side[planted] = True
+            mlp = layer.mlp
+            for proj in (mlp.gate_proj.weight, mlp.up_proj.weight):  # (D_FF, D_MODEL): rows are neurons
+                proj[forget_side, half:] = 0
+                proj[~forget_side, :half] = 0
+            mlp.down_proj.weight[half:, forget_side] = 0  # (D_MODEL, D_FF): columns are value vectors
+            mlp.down_proj.weight[:half, ~forget_side] = 0
+    return model
+
+
+def planted_batches(seed: int, n_batches: int, low: int, high: int) -> list[dict[str, torch.Tensor]]:
+    batches = make_batches(seed, n_batches)
+    for b in batches:
+        b["input_ids"] = low + b["input_ids"] % (high - low)
+        b["labels"] = torch.where(b["labels"] == -100, b["labels"], b["input_ids"])
+    return batches
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("activation", {}),
+    ("grad_down", {}),
+    ("wagle_down", {}),
+    # Labels only: a random id written into a forget input could be a retain token, which would switch on a
+    # retain-side neuron there; labels alone keep each set inside its own neurons, as the planted model needs.
+    ("memflex_down", {"seed": 0, "memflex_corrupt_inputs": False}),
+    ("ig_down", {"ig_steps": 2}),
+])
+def test_every_method_finds_value_vectors_planted_for_the_forget_set(name, cfg):
+    """issue #15's planted check: where the forget set provably runs through a known region, every method's top
+    4 of 48 is that region (memflex_down: cosine 0 everywhere, as one of the two gradients of each column is 0, and
+    only the planted columns have a forget gradient)."""
+    model = planted_llama()
+    forget = planted_batches(1, 3, 0, VOCAB // 2)
+    retain = planted_batches(2, 3, VOCAB // 2, VOCAB)
+    scores = mg.compute_scores(name, model, forget, retain, cfg)
+    sel = masks.select_top(scores, 4 / (N_LAYERS * D_FF))
+    assert [t.tolist() for t in sel] == PLANTED
+
+
 def _logp(model, batch, zero_layers=()):
     pos = torch.zeros_like(batch["labels"], dtype=torch.bool)
     pos[:, :-1] = batch["labels"][:, 1:] != -100
