@@ -95,13 +95,18 @@ def default_replay(model_family: str, forget_loss: str, masked_or_lora: bool) ->
     return float(family_config(model_family).get("pretrain", {}).get("replay", 0.0))
 
 
-def replay_rows(model_family: str, data_path: str | None, fraction: float, seed: int) -> list[dict[str, str]]:
-    """A seeded `fraction` of the family's pretraining corpus, to mix into a fine-tuning set (key `replay`)."""
+def check_replay(model_family: str, fraction: float) -> None:
+    """A `replay` value the family can serve, checked before any model is built."""
     if not 0 <= fraction <= 1:
         raise ConfigError(f"replay={fraction}: expected a fraction of the pretraining corpus in [0, 1]")
     if fraction and not family_config(model_family).get("pretrain"):
         raise ConfigError(f"replay={fraction}: model_family={model_family} has no pretrain block to replay "
                           "(config/model_config.yaml)")
+
+
+def replay_rows(model_family: str, data_path: str | None, fraction: float, seed: int) -> list[dict[str, str]]:
+    """A seeded `fraction` of the family's pretraining corpus, to mix into a fine-tuning set (key `replay`)."""
+    check_replay(model_family, fraction)
     corpus = pretraining_corpus(data_path, 0) if fraction else []
     return random.Random(seed).sample(corpus, round(fraction * len(corpus)))
 

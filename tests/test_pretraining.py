@@ -9,7 +9,7 @@ import pytest
 from conftest import run_entry
 
 import pretraining
-from models import family_config, resolve_model_path
+from models import family_config, resolve_model_path, tiny_cache
 from tofu import load_tofu
 
 
@@ -86,3 +86,4 @@ def test_bad_replay_is_one_line(capsys, tmp_path, overrides, error):
                            capsys)
     assert code == 2 and error in line, line
     assert not (tmp_path / "run").exists()
+    assert not list(tiny_cache().glob("pretrained_*"))  # refused before the pretraining stage would run
