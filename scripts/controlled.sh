@@ -11,7 +11,8 @@
 #     method, with each method's paired |delta| and permutation p against random_down when it is among METHODS.
 # Every setting below can be overridden from the environment, e.g. SEEDS="1 2" LOSSES=npo scripts/controlled.sh
 # Each loss unlearns with UNLEARN_ARGS followed by UNLEARN_ARGS_<loss> (e.g. UNLEARN_ARGS_rmu_1), which are unset by
-# default: its tuned setting from a sweep, e.g. UNLEARN_ARGS_npo="lr=5e-3 epochs=4" (a later key=value wins).
+# default: its tuned setting from a sweep, e.g. UNLEARN_ARGS_npo="lr=5e-3 epochs=4" (a later key=value wins); in the
+# methods part UNLEARN_ARGS_<method>_<loss> follows (e.g. UNLEARN_ARGS_activation_npo): a setting tuned per method.
 # Artifact names (final checkpoints, mask files) come from layout.py; this script only orchestrates.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -65,11 +66,13 @@ table() {  # aggregate.py mode, title, JSON output, arguments: the table over $S
   local mode=$1 title=$2 out=$3; shift 3
   section "$title (seeds: $SEEDS)" "$PYTHON" aggregate.py "$mode" "$@" --out "$out"
 }
-unlearn_and_evaluate() {  # start_model mask seed loss dir: unlearn into dir/run, trade-off scores into dir/agg
-  local loss_var="UNLEARN_ARGS_$4" loss_args
+unlearn_and_evaluate() {  # start_model mask seed loss dir [method]: unlearn into dir/run, scores into dir/agg
+  local loss_var="UNLEARN_ARGS_$4" method_var="UNLEARN_ARGS_${6:-none}_$4" loss_args method_args
   read -r -a loss_args <<< "${!loss_var:-}"
+  read -r -a method_args <<< "${!method_var:-}"
   run unlearn.py "${common[@]}" model_path="$1" forget_split="$FORGET_SPLIT" retain_split="$RETAIN_SPLIT" \
-    forget_loss="$4" mask_path="$2" seed="$3" output_dir="$5/run" "${unlearn_args[@]}" "${loss_args[@]}"
+    forget_loss="$4" mask_path="$2" seed="$3" output_dir="$5/run" "${unlearn_args[@]}" "${loss_args[@]}" \
+    "${method_args[@]}"
   scripts/eval.sh --theta-o "$1" --retain-model "$THETA_R" --model-family "$MODEL_FAMILY" --data-path "$DATA_PATH" \
     --forget-split "$FORGET_SPLIT" --nproc "$NPROC" --out "$5/agg" "$5/run" > "$5/agg.log"
 }
@@ -150,7 +153,7 @@ if [[ " $PARTS " == *" methods "* ]]; then
     for method in $METHODS; do
       mask=$(mask_file "$OUT/masks_f" "$method" normal "$seed")
       for loss in $LOSSES; do
-        unlearn_and_evaluate "$theta_f" "$mask" "$seed" "$loss" "$OUT/methods/seed$seed/$method/$loss"
+        unlearn_and_evaluate "$theta_f" "$mask" "$seed" "$loss" "$OUT/methods/seed$seed/$method/$loss" "$method"
       done
     done
   done
