@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 
 # common must come first: it puts the repo root on sys.path for the imports below.
-from common import print_header, tiny_model
+from common import print_header, set_threads, tiny_model
 
 import torch
 
@@ -47,10 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(p, args.threads)
     return args
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 # common must come first: it puts the repo root on sys.path for the imports below.
-from common import print_header
+from common import print_header, set_threads
 
 import torch
 
@@ -59,10 +59,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--seeds must be >= 1")
     if args.retain_subset < 0:
         p.error("--retain_subset must be >= 0")
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(p, args.threads)
     return args
 
 

@@ -47,10 +47,16 @@ def add_common_args(p: argparse.ArgumentParser, n_examples: int) -> None:
 def check_common_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.n_examples < 1:
         p.error("--n_examples must be >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(p, args.threads)
+
+
+def set_threads(p: argparse.ArgumentParser, threads: int | None) -> None:
+    """--threads: torch's intra-op threads, or torch's own choice when None."""
+    if threads is None:
+        return
+    if threads < 1:
+        p.error("--threads must be >= 1")
+    torch.set_num_threads(threads)
 
 
 def print_header(title: str) -> None:
