@@ -88,11 +88,17 @@ def pretraining_corpus(data_path: str | None, seed: int) -> list[dict[str, str]]
     return rows
 
 
-def default_replay(model_family: str, forget_loss: str, masked_or_lora: bool) -> float:
-    """`replay: null`: the family's `pretrain.replay` for a full-parameter fine-tune (`learn`), else none."""
-    if forget_loss != "learn" or masked_or_lora:
-        return 0.0
-    return float(family_config(model_family).get("pretrain", {}).get("replay", 0.0))
+def resolve_replay(model_family: str, forget_loss: str, masked_or_lora: bool, replay: float | None) -> float:
+    """The `replay` key of a run, checked before any model is built: null is the family's `pretrain.replay` for a
+    full-parameter fine-tune (`learn`) and 0 otherwise; a set value is an error for any other kind of run."""
+    full_fine_tune = forget_loss == "learn" and not masked_or_lora
+    if replay is None:
+        replay = float(family_config(model_family).get("pretrain", {}).get("replay", 0.0)) if full_fine_tune else 0.0
+    elif replay and not full_fine_tune:
+        raise ConfigError(f"replay={replay}: only a full-parameter fine-tune (forget_loss=learn, no mask_path or "
+                          "lora_r) replays the pretraining corpus")
+    check_replay(model_family, replay)
+    return replay
 
 
 def check_replay(model_family: str, fraction: float) -> None:

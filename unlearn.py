@@ -22,7 +22,7 @@ from layout import RUN_CONFIG, checkpoints, final_checkpoint, run_dir
 from masking import MaskedValues, apply_lora
 from masks import load_mask
 from models import DTYPES, family_config, load_tokenizer, resolve_precision, value_vector_shape
-from pretraining import check_replay, default_replay, replay_rows, resolve_model_path
+from pretraining import replay_rows, resolve_model_path, resolve_replay
 from runtime import init_distributed, is_main, seed_everything, setup_logging
 from schema import UnlearnConfig, foreign_knobs, hydra_entry, register, to_dict, unique_knobs, with_family_defaults
 from tofu import load_tofu, retain_split_for
@@ -123,13 +123,8 @@ def unlearn(cfg: DictConfig) -> None:
         raise ConfigError("save_format=compact holds the masked values only, so it needs mask_path; LoRA and "
                           "full-parameter runs save full checkpoints")
     c["save_format"] = c["save_format"] or ("compact" if c["mask_path"] else "full")
-    partial = bool(c["mask_path"] or c["lora_r"] > 0)
-    if c["replay"] is None:
-        c["replay"] = default_replay(c["model_family"], c["forget_loss"], partial)
-    elif c["replay"] and (c["forget_loss"] != "learn" or partial):
-        raise ConfigError(f"replay={c['replay']}: only a full-parameter fine-tune (forget_loss=learn, no mask_path or "
-                          "lora_r) replays the pretraining corpus")
-    check_replay(c["model_family"], c["replay"])
+    c["replay"] = resolve_replay(c["model_family"], c["forget_loss"], bool(c["mask_path"] or c["lora_r"] > 0),
+                                 c["replay"])
     c["precision"] = resolve_precision(c["precision"], device)
     if c["precision"] != "fp32" and not (c["mask_path"] or c["lora_r"] > 0 or c["deepspeed"]):
         raise ConfigError(f"full-parameter training with precision={c['precision']} and no fp32 master weights loses "

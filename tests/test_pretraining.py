@@ -66,11 +66,13 @@ def test_replay_rows_are_a_seeded_sample_of_the_corpus():
 
 
 def test_replay_defaults_to_the_family_for_a_full_fine_tune_only():
-    assert pretraining.default_replay("tiny-pt", "learn", masked_or_lora=False) == \
+    assert pretraining.resolve_replay("tiny-pt", "learn", False, None) == \
         family_config("tiny-pt")["pretrain"]["replay"] > 0
-    assert pretraining.default_replay("tiny-pt", "learn", masked_or_lora=True) == 0  # injection into a mask
-    assert pretraining.default_replay("tiny-pt", "npo", masked_or_lora=False) == 0
-    assert pretraining.default_replay("tiny", "learn", masked_or_lora=False) == 0
+    assert pretraining.resolve_replay("tiny-pt", "learn", True, None) == 0  # injection into a mask
+    assert pretraining.resolve_replay("tiny-pt", "npo", False, None) == 0
+    assert pretraining.resolve_replay("tiny", "learn", False, None) == 0
+    assert pretraining.resolve_replay("tiny-pt", "learn", False, 0.7) == 0.7  # a set value wins
+    assert pretraining.resolve_replay("tiny-pt", "npo", False, 0.0) == 0
 
 
 @pytest.mark.parametrize("overrides, error", [
