@@ -20,8 +20,9 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_zeroed_values_zeroes_exactly_the_given_vectors_and_restores_them_bit_for_bit():
-    model = random_llama()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the dtype GPU users evaluate in
+def test_zeroed_values_zeroes_exactly_the_given_vectors_and_restores_them_bit_for_bit(dtype):
+    model = random_llama().to(dtype)
     before = _weights(model)
     mask = [torch.tensor([0, 5, 23]), torch.tensor([7])]
     with zeroed_values(model, mask):
