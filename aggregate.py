@@ -5,6 +5,7 @@ checkpoints in step order), trade-off plots, and seed-paired comparisons of grou
     python aggregate.py compare --group oracle OUT_A/runs.json --group random OUT_B/runs.json --out cmp.json
     python aggregate.py methods --group activation A/runs.json --group wagle W/runs.json --group random R/runs.json \
         --baseline random
+    python aggregate.py methods-plot npo=methods_npo.json wga=methods_wga.json --out table1.png   # Table 1 as a plot
     python aggregate.py injection --theta-r THETA_R_DIR --out injection.json THETA_O_DIR [THETA_O_DIR ...]
     python aggregate.py sweep --select aues SWEEP_ROOT    # the table of a sweep.py grid, the chosen setting per method
 """
@@ -208,12 +209,16 @@ def plot_privleak(records: Sequence[dict[str, Any]], out: Path) -> None:
 
 
 def _save_plot(fig, ax, xlabel: str, ylabel: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    _write_png(fig, path)
+
+
+def _write_png(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
@@ -375,6 +380,46 @@ def cmd_methods(args: argparse.Namespace) -> None:
               "p: exact paired permutation test")
     if args.out:
         write_json(args.out, result)
+
+
+def plot_methods(tables: dict[str, dict[str, Any]], out: Path, title: str | None = None) -> None:
+    """Table 1 as a figure: per loss (x) one point per method, AUES and MU95 mean ± std over seeds (two panels).
+    tables: loss -> the JSON `methods --out` wrote for that loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(m for table in tables.values() for m in table))
+    width = 0.8 / len(methods)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, ylabel in ((axes[0], "aues", "AUES (higher is better)"),
+                            (axes[1], "mu95", "MU95 (log10 FQ; higher is better)")):
+        for i, method in enumerate(methods):
+            losses = [j for j, table in enumerate(tables.values()) if method in table]
+            rows = [list(tables.values())[j][method] for j in losses]
+            ax.errorbar([j - 0.4 + (i + 0.5) * width for j in losses], [r[f"{key}_mean"] for r in rows],
+                        yerr=[r[f"{key}_std"] for r in rows], fmt="o", capsize=3, label=method)
+        ax.set_xticks(range(len(tables)), list(tables))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    _write_png(fig, out)
+
+
+def cmd_methods_plot(args: argparse.Namespace) -> None:
+    tables = {}
+    for item in args.tables:
+        loss, sep, path = item.partition("=")
+        if not sep or not loss or not path:
+            raise ConfigError(f"methods-plot takes LOSS=JSON (a `methods --out` file), got {item!r}")
+        if not Path(path).is_file():
+            raise ConfigError(f"no such methods JSON for {loss}: {path}")
+        tables[loss] = json.loads(Path(path).read_text())
+    plot_methods(tables, Path(args.out), args.title)
+    print(f"wrote {args.out}")
 
 
 # Drops are differences of values read back from JSON: 0.99 - 0.94 is 0.05000000000000004, which must pass "≤ 0.05".
@@ -585,6 +630,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="auto: by seed when every run has one, else by position (default: auto)")
         sub.set_defaults(func=func)
     methods.add_argument("--baseline", metavar="NAME", help="the group the others are compared with (e.g. random)")
+    methods_plot = commands.add_parser(
+        "methods-plot", help="Table 1 as a plot: AUES and MU95 per loss and method from `methods --out` JSONs",
+        description="Two panels (AUES, MU95), one point per method and loss with its std over seeds as error bar, "
+                    "from the JSON `aggregate.py methods --out` wrote for each loss.",
+        epilog="example: aggregate.py methods-plot npo=out/methods/methods_npo.json wga=out/methods/methods_wga.json "
+               "--out table1.png --title 'forget10, 10% masks'")
+    methods_plot.add_argument("tables", nargs="+", metavar="LOSS=JSON", help="a loss's name and its methods JSON")
+    methods_plot.add_argument("--out", required=True, metavar="FILE.png", help="the figure")
+    methods_plot.add_argument("--title", help="the figure's title")
+    methods_plot.set_defaults(func=cmd_methods_plot)
 
     injection = commands.add_parser(
         "injection", help="theta_o's Forget/Retain Strength against theta_r's (did the injection work?)",

@@ -262,6 +262,37 @@ def test_methods_cli_compares_every_group_with_the_baseline_paired_by_seed(tmp_p
                 str(tmp_path / "other.json"), "--baseline", "random"])
 
 
+def test_methods_plot_draws_each_methods_mean_and_std_per_loss(tmp_path, monkeypatch, capsys):
+    def row(aues, aues_std, mu95, mu95_std):
+        return {"n": 2, "aues_mean": aues, "aues_std": aues_std, "mu95_mean": mu95, "mu95_std": mu95_std}
+    (tmp_path / "npo.json").write_text(json.dumps({"random": row(.4, .01, -5, .1), "act": row(.5, .02, -4, .2)}))
+    (tmp_path / "wga.json").write_text(json.dumps({"random": row(.3, .03, -6, .3)}))  # act has no wga runs
+    drawn = {}
+    monkeypatch.setattr(A, "_write_png", lambda fig, path: drawn.update(fig=fig, path=path))
+    A.main(["methods-plot", f"npo={tmp_path / 'npo.json'}", f"wga={tmp_path / 'wga.json'}", "--out",
+            str(tmp_path / "t1.png")])
+    aues_ax, mu95_ax = drawn["fig"].axes
+    assert [t.get_text() for t in aues_ax.get_xticklabels()] == ["npo", "wga"]
+    for ax, key in ((aues_ax, "aues"), (mu95_ax, "mu95")):
+        (rnd_line, _, (rnd_bars,)), (act_line, _, (act_bars,)) = ax.containers
+        # Each method's points sit inside its loss's slot (x within ±0.4 of the loss's index), means as y.
+        expected = {"random": [.4, .3] if key == "aues" else [-5, -6], "act": [.5] if key == "aues" else [-4]}
+        assert list(rnd_line.get_ydata()) == pytest.approx(expected["random"])
+        assert list(act_line.get_ydata()) == pytest.approx(expected["act"])
+        assert [round(x) for x in rnd_line.get_xdata()] == [0, 1] and [round(x) for x in act_line.get_xdata()] == [0]
+        # The error bar spans mean ± std.
+        lo, hi = act_bars.get_segments()[0][:, 1]
+        std = .02 if key == "aues" else .2
+        assert (lo, hi) == pytest.approx((expected["act"][0] - std, expected["act"][0] + std))
+    with pytest.raises(ConfigError, match="takes LOSS=JSON .* got 'npo'"):
+        A.main(["methods-plot", "npo", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ConfigError, match="no such methods JSON for npo"):
+        A.main(["methods-plot", f"npo={tmp_path / 'missing.json'}", "--out", str(tmp_path / "x.png")])
+    monkeypatch.undo()  # and a real file
+    A.main(["methods-plot", f"npo={tmp_path / 'npo.json'}", "--out", str(tmp_path / "real.png")])
+    assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def sweep_result(method: str, lr: float, epochs: int, seed: int, aues: float, mu95: float,
                  hyper_param: float | None = 0.1, theta_o: str = "/m/theta_o") -> dict:
     """A sweep.py result with the fields aggregate.py sweep reads."""
