@@ -164,5 +164,9 @@ if [[ " $PARTS " == *" methods "* ]]; then
     for method in $METHODS; do groups+=($(group_args "$method" "$OUT/methods/seedSEED/$method/$loss/agg")); done
     table methods "Attribution methods, $loss" "$OUT/methods/methods_$loss.json" "${groups[@]}" "${baseline[@]}"
   done
+  plotted=()
+  for loss in $LOSSES; do plotted+=("$loss=$OUT/methods/methods_$loss.json"); done
+  "$PYTHON" aggregate.py methods-plot "${plotted[@]}" --out "$OUT/methods/methods.png" \
+    --title "$MODEL_FAMILY, $FORGET_SPLIT, ratio $RATIO: mean ± std over seeds $SEEDS"
 fi
-echo "tables: $tables; per-run plots: $OUT/*/seed*/*/*/agg/*.png (and .../agg/runs.json, runs.csv)"
+echo "tables: $tables (methods part: also $OUT/methods/methods.png); per-run plots: $OUT/*/seed*/*/*/agg/*.png (and .../agg/runs.json, runs.csv)"
