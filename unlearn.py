@@ -123,10 +123,10 @@ def unlearn(cfg: DictConfig) -> None:
         raise ConfigError("save_format=compact holds the masked values only, so it needs mask_path; LoRA and "
                           "full-parameter runs save full checkpoints")
     c["save_format"] = c["save_format"] or ("compact" if c["mask_path"] else "full")
-    c["replay"] = resolve_replay(c["model_family"], c["forget_loss"], bool(c["mask_path"] or c["lora_r"] > 0),
-                                 c["replay"])
+    masked_or_lora = bool(c["mask_path"] or c["lora_r"] > 0)
+    c["replay"] = resolve_replay(c["model_family"], c["forget_loss"], masked_or_lora, c["replay"])
     c["precision"] = resolve_precision(c["precision"], device)
-    if c["precision"] != "fp32" and not (c["mask_path"] or c["lora_r"] > 0 or c["deepspeed"]):
+    if c["precision"] != "fp32" and not (masked_or_lora or c["deepspeed"]):
         raise ConfigError(f"full-parameter training with precision={c['precision']} and no fp32 master weights loses "
                           "most small updates; pass deepspeed=config/ds_config.json (ZeRO keeps fp32 masters, also "
                           "on one GPU) or precision=fp32")
