@@ -396,10 +396,9 @@ def plot_methods(tables: dict[str, dict[str, Any]], out: Path, title: str | None
     for ax, key, ylabel in ((axes[0], "aues", "AUES (higher is better)"),
                             (axes[1], "mu95", "MU95 (log10 FQ; higher is better)")):
         for i, method in enumerate(methods):
-            losses = [j for j, table in enumerate(tables.values()) if method in table]
-            rows = [list(tables.values())[j][method] for j in losses]
-            ax.errorbar([j - 0.4 + (i + 0.5) * width for j in losses], [r[f"{key}_mean"] for r in rows],
-                        yerr=[r[f"{key}_std"] for r in rows], fmt="o", capsize=3, label=method)
+            points = [(j, table[method]) for j, table in enumerate(tables.values()) if method in table]
+            ax.errorbar([j - 0.4 + (i + 0.5) * width for j, _ in points], [r[f"{key}_mean"] for _, r in points],
+                        yerr=[r[f"{key}_std"] for _, r in points], fmt="o", capsize=3, label=method)
         ax.set_xticks(range(len(tables)), list(tables))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
