@@ -6,6 +6,7 @@ checkpoints in step order), trade-off plots, and seed-paired comparisons of grou
     python aggregate.py methods --group activation A/runs.json --group wagle W/runs.json --group random R/runs.json \
         --baseline random
     python aggregate.py methods-plot npo=methods_npo.json wga=methods_wga.json --out table1.png   # Table 1 as a plot
+    python aggregate.py compare-plot npo=compare_npo.json wga=compare_wga.json --out controlled.png  # seed by seed
     python aggregate.py injection --theta-r THETA_R_DIR --out injection.json THETA_O_DIR [THETA_O_DIR ...]
     python aggregate.py sweep --select aues SWEEP_ROOT    # the table of a sweep.py grid, the chosen setting per method
 """
@@ -28,6 +29,7 @@ from layout import RUN_CONFIG, SWEEP_RESULT, SWEEP_TABLE, checkpoints, eval_path
 THETA_O = "theta_o"
 AUES_METHODS = ("front", "trapezoid")  # metrics.aues's `method`
 SCORES = ("aues", "mu95")  # a run's trade-off scores (score_run), each summarised over seeds
+SCORE_LABELS = ("AUES (higher is better)", "MU95 (log10 FQ; higher is better)")  # their axis labels, in that order
 CSV_FIELDS = ("name", "run_dir", "seed", "aues", "mu95", "chosen_checkpoint", "final_fs", "final_rs", "final_mu",
               "final_fq", "final_log10fq", "final_privleak", "n_checkpoints")
 RS_FS_PLOT = "rs_fs.png"
@@ -321,7 +323,9 @@ def compare_paired(a: list[dict[str, Any]], b: list[dict[str, Any]], by_position
 
 
 def _pairs_json(pairs: list[tuple[Any, dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
-    return [{"pair": key, "a": ra["run_dir"], "b": rb["run_dir"]} for key, ra, rb in pairs]
+    return [{"pair": key, "a": ra["run_dir"], "b": rb["run_dir"],
+             **{f"{score}_{side}": run[score] for score in SCORES for side, run in (("a", ra), ("b", rb))}}
+            for key, ra, rb in pairs]
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -393,8 +397,7 @@ def plot_methods(tables: dict[str, dict[str, Any]], out: Path, title: str | None
     methods = list(dict.fromkeys(m for table in tables.values() for m in table))
     width = 0.8 / len(methods)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, key, ylabel in ((axes[0], "aues", "AUES (higher is better)"),
-                            (axes[1], "mu95", "MU95 (log10 FQ; higher is better)")):
+    for ax, key, ylabel in zip(axes, SCORES, SCORE_LABELS):
         for i, method in enumerate(methods):
             points = [(j, table[method]) for j, table in enumerate(tables.values()) if method in table]
             ax.errorbar([j - 0.4 + (i + 0.5) * width for j, _ in points], [r[f"{key}_mean"] for _, r in points],
@@ -408,16 +411,65 @@ def plot_methods(tables: dict[str, dict[str, Any]], out: Path, title: str | None
     _write_png(fig, out)
 
 
-def cmd_methods_plot(args: argparse.Namespace) -> None:
+def read_loss_tables(items: Sequence[str], kind: str) -> dict[str, Any]:
+    """{loss: JSON} from LOSS=JSON arguments, each the file `aggregate.py <kind> --out` wrote for that loss."""
     tables = {}
-    for item in args.tables:
+    for item in items:
         loss, sep, path = item.partition("=")
         if not sep or not loss or not path:
-            raise ConfigError(f"methods-plot takes LOSS=JSON (a `methods --out` file), got {item!r}")
+            raise ConfigError(f"{kind}-plot takes LOSS=JSON (a `{kind} --out` file), got {item!r}")
         if not Path(path).is_file():
-            raise ConfigError(f"no such methods JSON for {loss}: {path}")
+            raise ConfigError(f"no such {kind} JSON for {loss}: {path}")
         tables[loss] = json.loads(Path(path).read_text())
-    plot_methods(tables, Path(args.out), args.title)
+    return tables
+
+
+def cmd_methods_plot(args: argparse.Namespace) -> None:
+    plot_methods(read_loss_tables(args.tables, "methods"), Path(args.out), args.title)
+    print(f"wrote {args.out}")
+
+
+def plot_compare(tables: dict[str, dict[str, Any]], out: Path, title: str | None = None) -> None:
+    """The controlled experiment seed by seed: per loss (x) each pair's two scores joined by a line, group a on the
+    left and group b on the right, with how often a was ahead and the permutation p above them (two panels).
+    tables: loss -> the JSON `compare --out` wrote for that loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {tuple(table["groups"]) for table in tables.values()}
+    if len(names) != 1:
+        raise ConfigError(f"compare-plot draws one pair of groups, the tables compare {sorted(names)}")
+    (name_a, name_b), = names
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, ylabel in zip(axes, SCORES, SCORE_LABELS):
+        for j, table in enumerate(tables.values()):
+            a, b = ([p[f"{key}_{side}"] for p in table["pairs"]] for side in "ab")
+            for ya, yb in zip(a, b):
+                ax.plot([j - 0.15, j + 0.15], [ya, yb], color="0.6", linewidth=0.8)
+            ax.scatter([j - 0.15] * len(a), a, color="C0", zorder=3, label=name_a if j == 0 else None)
+            ax.scatter([j + 0.15] * len(b), b, color="C1", marker="s", zorder=3, label=name_b if j == 0 else None)
+            ahead = sum(ya > yb for ya, yb in zip(a, b))
+            ax.annotate(f"{ahead}/{len(a)}, p {table[key]['p_value']:.3f}", (j, max(a + b)), xytext=(0, 6),
+                        textcoords="offset points", ha="center", fontsize=8)
+        ax.margins(y=0.15)  # room for the labels above the highest point
+        ax.set_xticks(range(len(tables)), list(tables))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title=f"n/N: {name_a} ahead", title_fontsize=7)
+    if title:
+        fig.suptitle(title)
+    _write_png(fig, out)
+
+
+def cmd_compare_plot(args: argparse.Namespace) -> None:
+    tables = read_loss_tables(args.tables, "compare")
+    for loss, table in tables.items():
+        if any(f"{SCORES[0]}_a" not in p for p in table["pairs"]):
+            raise ConfigError(f"the compare JSON for {loss} has no per-pair scores (written before they were "
+                              "added); run `aggregate.py compare --out` again")
+    plot_compare(tables, Path(args.out), args.title)
     print(f"wrote {args.out}")
 
 
@@ -636,9 +688,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: aggregate.py methods-plot npo=out/methods/methods_npo.json wga=out/methods/methods_wga.json "
                "--out table1.png --title 'forget10, 10% masks'")
     methods_plot.add_argument("tables", nargs="+", metavar="LOSS=JSON", help="a loss's name and its methods JSON")
-    methods_plot.add_argument("--out", required=True, metavar="FILE.png", help="the figure")
-    methods_plot.add_argument("--title", help="the figure's title")
-    methods_plot.set_defaults(func=cmd_methods_plot)
+    compare_plot = commands.add_parser(
+        "compare-plot", help="seed by seed as a plot: each pair's AUES and MU95 per loss from `compare --out` JSONs",
+        description="Two panels (AUES, MU95): per loss, each pair's scores (group a left, group b right) joined by a "
+                    "line, with how many pairs group a won and the permutation p, from the JSON `aggregate.py compare "
+                    "--out` wrote for each loss.",
+        epilog="example: aggregate.py compare-plot npo=out/controlled/compare_npo.json "
+               "wga=out/controlled/compare_wga.json --out controlled.png")
+    compare_plot.add_argument("tables", nargs="+", metavar="LOSS=JSON", help="a loss's name and its compare JSON")
+    for sub, func in ((methods_plot, cmd_methods_plot), (compare_plot, cmd_compare_plot)):
+        sub.add_argument("--out", required=True, metavar="FILE.png", help="the figure")
+        sub.add_argument("--title", help="the figure's title")
+        sub.set_defaults(func=func)
 
     injection = commands.add_parser(
         "injection", help="theta_o's Forget/Retain Strength against theta_r's (did the injection work?)",

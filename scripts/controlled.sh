@@ -57,6 +57,9 @@ mask_file() {  # mask_root attribution variant seed -> the path generate_mask.py
 group_args() {  # name pattern -> "--group name" and the pattern with SEED replaced by each seed
   echo "--group $1"; for seed in $SEEDS; do echo "${2//SEED/$seed}"; done
 }
+per_loss() {  # pattern -> "loss=path" for each loss, LOSS in the pattern replaced by the loss
+  for loss in $LOSSES; do echo "$loss=${1//LOSS/$loss}"; done
+}
 section() {  # title, command: print the command's output under the title, append both to $tables; its status
   printf '### %s\n\n' "$1" | tee -a "$tables"; shift
   "$@" | tee -a "$tables" || return  # explicit: also under `||`
@@ -130,6 +133,8 @@ if [[ " $PARTS " == *" controlled "* ]]; then
     for region in oracle random; do groups+=($(group_args "$region" "$OUT/controlled/seedSEED/$loss/$region/agg")); done
     table compare "Controlled experiment, $loss" "$OUT/controlled/compare_$loss.json" "${groups[@]}"
   done
+  "$PYTHON" aggregate.py compare-plot $(per_loss "$OUT/controlled/compare_LOSS.json") \
+    --out "$OUT/controlled/compare.png" --title "$MODEL_FAMILY, $FORGET_SPLIT, ratio $RATIO: oracle vs random, seeds $SEEDS"
 fi
 
 if [[ " $PARTS " == *" methods "* ]]; then
@@ -164,9 +169,7 @@ if [[ " $PARTS " == *" methods "* ]]; then
     for method in $METHODS; do groups+=($(group_args "$method" "$OUT/methods/seedSEED/$method/$loss/agg")); done
     table methods "Attribution methods, $loss" "$OUT/methods/methods_$loss.json" "${groups[@]}" "${baseline[@]}"
   done
-  plotted=()
-  for loss in $LOSSES; do plotted+=("$loss=$OUT/methods/methods_$loss.json"); done
-  "$PYTHON" aggregate.py methods-plot "${plotted[@]}" --out "$OUT/methods/methods.png" \
+  "$PYTHON" aggregate.py methods-plot $(per_loss "$OUT/methods/methods_LOSS.json") --out "$OUT/methods/methods.png" \
     --title "$MODEL_FAMILY, $FORGET_SPLIT, ratio $RATIO: mean ± std over seeds $SEEDS"
 fi
-echo "tables: $tables (methods part: also $OUT/methods/methods.png); per-run plots: $OUT/*/seed*/*/*/agg/*.png (and .../agg/runs.json, runs.csv)"
+echo "tables: $tables (figures: $OUT/controlled/compare.png, $OUT/methods/methods.png); per-run plots: $OUT/*/seed*/*/*/agg/*.png (and .../agg/runs.json, runs.csv)"

@@ -9,6 +9,7 @@ import sys
 from math import sqrt
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -175,6 +176,9 @@ def test_compare_cli_pairs_by_seed(tmp_path, capsys):
             str(tmp_path / "random.json"), "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["pairing"] == "seed" and [p["pair"] for p in result["pairs"]] == [1, 2, 3]
+    # Each pair keeps its two runs' scores, seed 3's from the first line of random.json.
+    assert {k: v for k, v in result["pairs"][2].items() if k not in ("a", "b")} == {
+        "pair": 3, "aues_a": 0.7, "aues_b": 0.5, "mu95_a": -3.0, "mu95_b": -7.0}
     aues, mu95 = result["aues"], result["mu95"]
     # AUES: a = .5, .6, .7 (mean .6, std .1); b = .4, .4, .5 (mean 13/30, std sqrt(1/300));
     # |a - b| = .1, .2, .2 (mean 1/6, std sqrt(1/300)); all differences positive, so only the observed sign
@@ -290,6 +294,47 @@ def test_methods_plot_draws_each_methods_mean_and_std_per_loss(tmp_path, monkeyp
         A.main(["methods-plot", f"npo={tmp_path / 'missing.json'}", "--out", str(tmp_path / "x.png")])
     monkeypatch.undo()  # and a real file
     A.main(["methods-plot", f"npo={tmp_path / 'npo.json'}", "--out", str(tmp_path / "real.png")])
+    assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_plot_joins_each_pairs_scores_per_loss(tmp_path, monkeypatch, capsys):
+    write_runs_json(tmp_path / "o.json", [(1, 0.5, -5.0), (2, 0.6, -4.0), (3, 0.7, -3.0)])
+    write_runs_json(tmp_path / "r.json", [(3, 0.5, -7.0), (1, 0.4, -5.0), (2, 0.65, -6.0)])
+    A.main(["compare", "--group", "oracle", str(tmp_path / "o.json"), "--group", "random", str(tmp_path / "r.json"),
+            "--out", str(tmp_path / "npo.json")])
+    drawn = {}
+    monkeypatch.setattr(A, "_write_png", lambda fig, path: drawn.update(fig=fig, path=path))
+    A.main(["compare-plot", f"npo={tmp_path / 'npo.json'}", f"wga={tmp_path / 'npo.json'}", "--out",
+            str(tmp_path / "c.png")])
+    aues_ax, mu95_ax = drawn["fig"].axes
+    assert [t.get_text() for t in aues_ax.get_xticklabels()] == ["npo", "wga"]
+    # By seed: AUES oracle .5 .6 .7, random .4 .65 .5 (oracle ahead in 2 of 3); MU95 -5 -4 -3 vs -5 -6 -7 (2 of 3,
+    # seed 1 ties). One line per pair and loss from x = loss - .15 (oracle) to loss + .15 (random).
+    for ax, oracle, random in ((aues_ax, [.5, .6, .7], [.4, .65, .5]), (mu95_ax, [-5, -4, -3], [-5, -6, -7])):
+        lines = [(line.get_xdata(), line.get_ydata()) for line in ax.lines]
+        assert np.allclose(lines, [([j - .15, j + .15], [a, b]) for j in (0, 1) for a, b in zip(oracle, random)])
+        points = [c.get_offsets() for c in ax.collections]
+        assert np.allclose(points, [[[j + dx, y] for y in ys] for j in (0, 1) for dx, ys in ((-.15, oracle),
+                                                                                            (.15, random))])
+        labels = [t.get_text() for t in ax.texts]
+        p = json.loads((tmp_path / "npo.json").read_text())["aues" if ax is aues_ax else "mu95"]["p_value"]
+        assert labels == [f"2/3, p {p:.3f}"] * 2
+    assert [t.get_text() for t in aues_ax.get_legend().get_texts()] == ["oracle", "random"]
+
+    old = json.loads((tmp_path / "npo.json").read_text())
+    old["pairs"] = [{k: p[k] for k in ("pair", "a", "b")} for p in old["pairs"]]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="compare JSON for npo has no per-pair scores"):
+        A.main(["compare-plot", f"npo={tmp_path / 'old.json'}", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ConfigError, match="compare-plot takes LOSS=JSON .* got 'npo'"):
+        A.main(["compare-plot", "npo", "--out", str(tmp_path / "x.png")])
+    other = json.loads((tmp_path / "npo.json").read_text()) | {"groups": ["oracle", "rdm"]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="one pair of groups"):
+        A.main(["compare-plot", f"npo={tmp_path / 'npo.json'}", f"wga={tmp_path / 'other.json'}", "--out",
+                str(tmp_path / "x.png")])
+    monkeypatch.undo()  # and a real file
+    A.main(["compare-plot", f"npo={tmp_path / 'npo.json'}", "--out", str(tmp_path / "real.png")])
     assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
