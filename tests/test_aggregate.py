@@ -266,16 +266,22 @@ def test_methods_cli_compares_every_group_with_the_baseline_paired_by_seed(tmp_p
                 str(tmp_path / "other.json"), "--baseline", "random"])
 
 
+def drawn_axes(monkeypatch, argv: list[str]) -> list:
+    """Run an aggregate.py plot command with its PNG writer captured: the figure's axes (AUES, MU95)."""
+    drawn = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(A, "_write_png", lambda fig, path: drawn.update(fig=fig))
+        A.main(argv)
+    return drawn["fig"].axes
+
+
 def test_methods_plot_draws_each_methods_mean_and_std_per_loss(tmp_path, monkeypatch, capsys):
     def row(aues, aues_std, mu95, mu95_std):
         return {"n": 2, "aues_mean": aues, "aues_std": aues_std, "mu95_mean": mu95, "mu95_std": mu95_std}
     (tmp_path / "npo.json").write_text(json.dumps({"random": row(.4, .01, -5, .1), "act": row(.5, .02, -4, .2)}))
     (tmp_path / "wga.json").write_text(json.dumps({"random": row(.3, .03, -6, .3)}))  # act has no wga runs
-    drawn = {}
-    monkeypatch.setattr(A, "_write_png", lambda fig, path: drawn.update(fig=fig, path=path))
-    A.main(["methods-plot", f"npo={tmp_path / 'npo.json'}", f"wga={tmp_path / 'wga.json'}", "--out",
-            str(tmp_path / "t1.png")])
-    aues_ax, mu95_ax = drawn["fig"].axes
+    aues_ax, mu95_ax = drawn_axes(monkeypatch, ["methods-plot", f"npo={tmp_path / 'npo.json'}",
+                                                f"wga={tmp_path / 'wga.json'}", "--out", str(tmp_path / "t1.png")])
     assert [t.get_text() for t in aues_ax.get_xticklabels()] == ["npo", "wga"]
     for ax, key in ((aues_ax, "aues"), (mu95_ax, "mu95")):
         (rnd_line, _, (rnd_bars,)), (act_line, _, (act_bars,)) = ax.containers
@@ -292,7 +298,6 @@ def test_methods_plot_draws_each_methods_mean_and_std_per_loss(tmp_path, monkeyp
         A.main(["methods-plot", "npo", "--out", str(tmp_path / "x.png")])
     with pytest.raises(ConfigError, match="no such methods JSON for npo"):
         A.main(["methods-plot", f"npo={tmp_path / 'missing.json'}", "--out", str(tmp_path / "x.png")])
-    monkeypatch.undo()  # and a real file
     A.main(["methods-plot", f"npo={tmp_path / 'npo.json'}", "--out", str(tmp_path / "real.png")])
     assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -302,11 +307,8 @@ def test_compare_plot_joins_each_pairs_scores_per_loss(tmp_path, monkeypatch, ca
     write_runs_json(tmp_path / "r.json", [(3, 0.5, -7.0), (1, 0.4, -5.0), (2, 0.65, -6.0)])
     A.main(["compare", "--group", "oracle", str(tmp_path / "o.json"), "--group", "random", str(tmp_path / "r.json"),
             "--out", str(tmp_path / "npo.json")])
-    drawn = {}
-    monkeypatch.setattr(A, "_write_png", lambda fig, path: drawn.update(fig=fig, path=path))
-    A.main(["compare-plot", f"npo={tmp_path / 'npo.json'}", f"wga={tmp_path / 'npo.json'}", "--out",
-            str(tmp_path / "c.png")])
-    aues_ax, mu95_ax = drawn["fig"].axes
+    aues_ax, mu95_ax = drawn_axes(monkeypatch, ["compare-plot", f"npo={tmp_path / 'npo.json'}",
+                                                f"wga={tmp_path / 'npo.json'}", "--out", str(tmp_path / "c.png")])
     assert [t.get_text() for t in aues_ax.get_xticklabels()] == ["npo", "wga"]
     # By seed: AUES oracle .5 .6 .7, random .4 .65 .5 (oracle ahead in 2 of 3); MU95 -5 -4 -3 vs -5 -6 -7 (2 of 3,
     # seed 1 ties). One line per pair and loss from x = loss - .15 (oracle) to loss + .15 (random).
@@ -333,7 +335,6 @@ def test_compare_plot_joins_each_pairs_scores_per_loss(tmp_path, monkeypatch, ca
     with pytest.raises(ConfigError, match="one pair of groups"):
         A.main(["compare-plot", f"npo={tmp_path / 'npo.json'}", f"wga={tmp_path / 'other.json'}", "--out",
                 str(tmp_path / "x.png")])
-    monkeypatch.undo()  # and a real file
     A.main(["compare-plot", f"npo={tmp_path / 'npo.json'}", "--out", str(tmp_path / "real.png")])
     assert (tmp_path / "real.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
