@@ -172,4 +172,4 @@ if [[ " $PARTS " == *" methods "* ]]; then
   "$PYTHON" aggregate.py methods-plot $(per_loss "$OUT/methods/methods_LOSS.json") --out "$OUT/methods/methods.png" \
     --title "$MODEL_FAMILY, $FORGET_SPLIT, ratio $RATIO: mean ± std over seeds $SEEDS"
 fi
-echo "tables: $tables (figures: $OUT/controlled/compare.png, $OUT/methods/methods.png); per-run plots: $OUT/*/seed*/*/*/agg/*.png (and .../agg/runs.json, runs.csv)"
+echo "tables: $tables; figures: $OUT/controlled/compare.png (controlled part), $OUT/methods/methods.png (methods part); per-run plots: $OUT/*/seed*/*/*/agg/*.png (and .../agg/runs.json, runs.csv)"
