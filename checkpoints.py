@@ -184,8 +184,8 @@ class ModelSwitcher:
     """Loads models one after another for evaluation; compact checkpoints of the starting model already loaded
     swap only their values (its original columns are restored first), so a trajectory loads θ_o once."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, dtype: torch.dtype | None = None):
+        self.device, self.dtype = device, dtype  # dtype None: models.load_model's default for the device
         self.model: torch.nn.Module | None = None
         self.loaded: str | None = None  # the model directory self.model holds once `undo` is restored
         self.undo: Undo = []
@@ -195,7 +195,7 @@ class ModelSwitcher:
         base = starting_model(path, meta) if meta is not None else None
         if meta is None or base != self.loaded:
             self.model, self.undo = None, []  # free the old model before loading the next
-            self.model = load_any_model(base or path, self.device)
+            self.model = load_any_model(base or path, self.device, self.dtype)
             self.loaded = str(local_model_dir(base or path) or path)
         restore(self.undo)
         self.undo = apply_compact(self.model, path) if meta is not None else []

@@ -92,6 +92,12 @@ def tensor_bytes(tensors: Iterable[Any]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def touch(model: torch.nn.Module, page_bytes: int = 4096) -> None:
+    """Read one value of every memory page of a model's weights (memory-mapped safetensors are read on first use)."""
+    for tensor in model.state_dict().values():
+        tensor.view(-1)[::page_bytes // tensor.element_size()].sum()
+
+
 def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.2f} MiB"
 

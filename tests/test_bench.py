@@ -140,6 +140,16 @@ def test_bench_trajectory_prints_the_speed_up_and_agreement(run_script, tiny_pat
                      proc.stdout, re.M)
 
 
+def test_bench_switch_prints_each_arm_against_a_swap(run_script):
+    proc = run_script("bench/bench_switch.py", "--layers", "2", "--divisor", "64", "--checkpoints", "2",
+                      timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "llama3.1-8b-inst, 2 layers, d_model 64, bf16" in proc.stdout
+    for arm in ("read from the disk: imports", "in the page cache (mean of 2:"):
+        assert re.search(rf"^\| a fresh process, θ_o {re.escape(arm)}.* \| [\d.]+ \| \d+x \|$", proc.stdout, re.M), arm
+    assert re.search(r"^\| one process, each later one: .* \| [\d.]+ \| 1x \|$", proc.stdout, re.M)
+
+
 def test_bench_localization_prints_a_row_per_mask_and_writes_json(run_script, tiny_path, tmp_path):
     import torch
 

@@ -16,6 +16,7 @@ import checkpoints
 import eval_tofu
 from checkpoints import (
     COMPACT_META,
+    ModelSwitcher,
     export,
     load_any_model,
     save_compact,
@@ -74,6 +75,20 @@ def test_compact_round_trip_equals_the_full_checkpoint(theta_o, tmp_path, dtype)
     exported = load_file(str(export(str(compact), str(tmp_path / "exported")) / "model.safetensors"))
     assert exported.keys() == full.keys() and all(torch.equal(exported[k], full[k]) for k in full)
     assert (tmp_path / "exported" / "tokenizer.json").is_file() and not (tmp_path / "exported" / COMPACT_META).exists()
+
+
+def test_a_bf16_swap_equals_loading_the_checkpoint_alone(theta_o, tmp_path):
+    # The GPU's dtype: the switcher loads theta_o in bf16 and swaps bf16 values in and back out exactly.
+    first, second = (_save(_trained(theta_o, seed=s, dtype=torch.bfloat16), theta_o, tmp_path / f"c{s}", compact=True)
+                     for s in (1, 2))
+    switcher = ModelSwitcher(CPU, torch.bfloat16)
+    switcher.load(str(first))
+    swapped = switcher.load(str(second)).state_dict()
+    alone = load_any_model(str(second), CPU, torch.bfloat16).state_dict()
+    assert {t.dtype for t in swapped.values()} == {torch.bfloat16}
+    assert swapped.keys() == alone.keys() and all(torch.equal(swapped[k], alone[k]) for k in alone)
+    down = "model.layers.0.mlp.down_proj.weight"  # and the first checkpoint's values are gone
+    assert not torch.equal(swapped[down], load_any_model(str(first), CPU, torch.bfloat16).state_dict()[down])
 
 
 def test_export_of_a_full_directory_is_one_clear_error(theta_o, tmp_path, capsys):
