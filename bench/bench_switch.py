@@ -103,7 +103,11 @@ def main() -> None:
     p.add_argument("--dir", default=None, help="where to write the models (default: a temporary directory)")
     args = p.parse_args()
     if args.checkpoints < 2:
-        p.error("--checkpoints must be >= 2: a swap needs a checkpoint before it")
+        p.error(f"--checkpoints {args.checkpoints}: expected >= 2, a swap needs a checkpoint before it")
+    if args.divisor < 1 or (args.layers is not None and args.layers < 1):
+        p.error(f"--divisor {args.divisor} / --layers {args.layers}: expected positive integers")
+    if args.dir is not None and not Path(args.dir).is_dir():
+        p.error(f"--dir {args.dir}: expected an existing directory")
     config = narrow(SHAPES[args.family], args.divisor) if args.divisor > 1 else SHAPES[args.family]
     if args.layers:
         config = type(config)(**{**config.to_dict(), "num_hidden_layers": args.layers})
