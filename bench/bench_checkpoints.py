@@ -11,13 +11,12 @@ compact run's final checkpoint, exported to a full directory, must hold the full
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 # common must come first: it puts the repo root on sys.path for the imports below.
-from common import LLAMA31_8B_PARAMS, LLAMA31_8B_VALUE_PARAMS, ROOT, mib, print_header
+from common import LLAMA31_8B_PARAMS, LLAMA31_8B_VALUE_PARAMS, mib, print_header, run_python
 
 import torch
 from safetensors.torch import load_file
@@ -27,12 +26,6 @@ from layout import STATE_FILE, checkpoints
 from models import resolve_model_path
 
 GOAL = 0.15
-
-
-def run(*args: str) -> None:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
 
 
 def checkpoint_bytes(checkpoint: Path) -> int:
@@ -52,14 +45,14 @@ def main() -> None:
     common = [f"model_family={args.model_family}", f"data_path={args.data_path}", "forget_split=forget01"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        run("generate_mask.py", *common, f"model_path={model}", "attribution=random_down", f"ratio={args.ratio}",
-            f"mask_root={root / 'masks'}")
+        run_python("generate_mask.py", *common, f"model_path={model}", "attribution=random_down", f"ratio={args.ratio}",
+                   f"mask_root={root / 'masks'}")
         (mask,) = (root / "masks").rglob("*.pt")
         sizes, finals = {}, {}
         for save_format in ("compact", "full"):
             out = root / save_format
-            run("unlearn.py", *common, f"model_path={model}", f"mask_path={mask}", "forget_loss=npo",
-                f"epochs={args.epochs}", "batch_size=8", f"save_format={save_format}", f"output_dir={out}")
+            run_python("unlearn.py", *common, f"model_path={model}", f"mask_path={mask}", "forget_loss=npo",
+                       f"epochs={args.epochs}", "batch_size=8", f"save_format={save_format}", f"output_dir={out}")
             found = [path for _, path in checkpoints(out)]
             sizes[save_format] = [checkpoint_bytes(c) for c in found]
             finals[save_format] = found[-1]

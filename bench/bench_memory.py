@@ -96,6 +96,12 @@ def narrow(config: PretrainedConfig, divisor: int) -> PretrainedConfig:
                            "head_dim": hidden // config.num_attention_heads})
 
 
+def reshaped(config: PretrainedConfig, divisor: int = 1, layers: int | None = None) -> PretrainedConfig:
+    """The config narrowed by `divisor` (1: as it is) and with `layers` decoder layers (None: its own)."""
+    config = narrow(config, divisor) if divisor > 1 else config
+    return type(config)(**{**config.to_dict(), "num_hidden_layers": layers}) if layers else config
+
+
 def build(config: PretrainedConfig, device: str) -> nn.Module:
     torch.manual_seed(0)
     with torch.device(device):

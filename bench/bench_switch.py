@@ -23,22 +23,20 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 # common must come first: it puts the repo root on sys.path for the imports below.
-from common import ROOT, print_header, touch
+from common import ROOT, print_header, run_python, touch
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from checkpoints import ModelSwitcher, save_compact, starting_model_reference
 from masking import MaskedValues
 
-from bench_memory import SHAPES, narrow, random_mask
+from bench_memory import SHAPES, build, random_mask, reshaped
 
 # A checkpoint's values move by about this much from the previous one (their magnitude is irrelevant here).
 STEP = 1e-3
@@ -65,9 +63,7 @@ def evict(model_dir: Path) -> None:
 
 def write_trajectory(root: Path, config: PretrainedConfig, n_checkpoints: int) -> tuple[Path, list[Path]]:
     """θ_o of the shape and n compact checkpoints of a masked run from it; returns their directories."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.to_empty(device="cpu")
+    model = build(config, "meta").to_empty(device="cpu")
     theta_o = root / "theta_o"
     model.save_pretrained(theta_o, max_shard_size="2GB")
     reference = starting_model_reference(str(theta_o))
@@ -86,12 +82,7 @@ def write_trajectory(root: Path, config: PretrainedConfig, n_checkpoints: int) -
 
 def fresh_process_seconds(checkpoint: Path) -> float:
     """Wall time of a new Python process that imports the entry point and loads the checkpoint."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", LOAD.format(root=str(ROOT), path=str(checkpoint))],
-                          cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"loading {checkpoint} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return run_python("-c", LOAD.format(root=str(ROOT), path=str(checkpoint)), what=f"loading {checkpoint}")
 
 
 def main() -> None:
@@ -108,9 +99,7 @@ def main() -> None:
         p.error(f"--divisor {args.divisor} / --layers {args.layers}: expected positive integers")
     if args.dir is not None and not Path(args.dir).is_dir():
         p.error(f"--dir {args.dir}: expected an existing directory")
-    config = narrow(SHAPES[args.family], args.divisor) if args.divisor > 1 else SHAPES[args.family]
-    if args.layers:
-        config = type(config)(**{**config.to_dict(), "num_hidden_layers": args.layers})
+    config = reshaped(SHAPES[args.family], args.divisor, args.layers)
     print_header("a trajectory's checkpoints: a fresh process each (imports + loading) vs swapping values in one")
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -14,14 +14,11 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 # common must come first: it puts the repo root on sys.path for the imports below.
-from common import ROOT, print_header
+from common import ROOT, print_header, run_python
 
 import numpy as np
 
@@ -30,15 +27,6 @@ from models import resolve_model_path
 
 GOAL = 2.0
 TOLERANCE = 1e-6
-
-
-def run(*args: str) -> float:
-    """Seconds of wall time of `python args...` in the repository root."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{args[0]} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -73,18 +61,18 @@ def main() -> None:
         theta_o = root / "theta_o"
         shutil.copytree(resolve_model_path("tiny", args.model_path, args.data_path), theta_o,
                         ignore=shutil.ignore_patterns("eval_results", "trainer_state.pt"))
-        run("generate_mask.py", *common, f"model_path={theta_o}", "attribution=random_down", "ratio=0.1",
-            f"mask_root={root / 'masks'}")
+        run_python("generate_mask.py", *common, f"model_path={theta_o}", "attribution=random_down", "ratio=0.1",
+                   f"mask_root={root / 'masks'}")
         (mask,) = (root / "masks").rglob("*.pt")
-        run("unlearn.py", *common, f"model_path={theta_o}", f"mask_path={mask}", "forget_loss=npo",
-            f"epochs={args.checkpoints}", "batch_size=8", "lr=5e-3", f"output_dir={root / 'run'}")
+        run_python("unlearn.py", *common, f"model_path={theta_o}", f"mask_path={mask}", "forget_loss=npo",
+                   f"epochs={args.checkpoints}", "batch_size=8", "lr=5e-3", f"output_dir={root / 'run'}")
         models = [theta_o, *(path for _, path in checkpoints(root / "run"))]
         result = lambda m: m / "eval_results" / f"eval_{args.forget_split}.json"  # noqa: E731
 
-        separate_s = [run("eval_tofu.py", f"model_path={m}", *eval_args) for m in models]
+        separate_s = [run_python("eval_tofu.py", f"model_path={m}", *eval_args) for m in models]
         separate = [json.loads(result(m).read_text()) for m in models]
         listed = "model_path=[" + ",".join(f"'{m}'" for m in models) + "]"
-        together_s = run("eval_tofu.py", listed, *eval_args, "overwrite=true")
+        together_s = run_python("eval_tofu.py", listed, *eval_args, "overwrite=true")
         together = [json.loads(result(m).read_text()) for m in models]
 
     print(f"θ_o: {args.model_path or 'the initial tiny model'}; run: masked npo, 10% random mask, "

@@ -7,7 +7,9 @@ import platform
 import random
 import resource
 import shlex
+import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,16 @@ def forget_retain_rows(data_path: str, forget_split: str, n_examples: int, seed:
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def run_python(*args: str, what: str | None = None) -> float:
+    """Seconds of wall time of `python args...` in the repository root; on failure, exit with its stderr's tail.
+    what: the step's name in that message (default: args[0], the script)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{what or args[0]} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
 
 
 def touch(model: torch.nn.Module, page_bytes: int = 4096) -> None:

@@ -41,7 +41,7 @@ from masking import MASKED_VALUES, MaskedValues, masked_modules, plain_state_dic
 from models import family_config, load_tokenizer, tiny_model_path
 from trainer import TrainSettings, _deepspeed_engine
 
-from bench_memory import ATTRIBUTION, CONFIG, SHAPES, build, narrow, random_mask, synthetic_part
+from bench_memory import ATTRIBUTION, CONFIG, SHAPES, build, random_mask, reshaped, synthetic_part
 
 LR = 1e-5
 
@@ -66,9 +66,7 @@ TINY = Sizes(divisor=64, layers=2, batch=2, seq_len=32, steps=2, full_layers=2, 
 
 
 def shape(family: str, sizes: Sizes, layers: int | None = None) -> Any:
-    config = narrow(SHAPES[family], sizes.divisor) if sizes.divisor > 1 else SHAPES[family]
-    depth = layers or sizes.layers
-    return type(config)(**{**config.to_dict(), "num_hidden_layers": depth}) if depth else config
+    return reshaped(SHAPES[family], sizes.divisor, layers or sizes.layers)
 
 
 def on_device(config: Any, device: torch.device) -> nn.Module:
